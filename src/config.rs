@@ -1,0 +1,698 @@
+//! Configuration, in two steps: [`Raw`] is what the environment (and an optional `.env`
+//! file) says, as strings; [`Config::from_raw`] validates it into durations, URLs and
+//! numbers, or fails naming the variable and what it accepts. Nothing here touches Redis
+//! or the network, so a bad value stops the program before it does anything.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+pub const DEFAULT_STREAM: &str = "recyclic:push:caisse";
+pub const DEFAULT_GROUP: &str = "recyclic-push";
+pub const DEFAULT_HEALTH_ADDR: &str = "127.0.0.1:9187";
+
+/// The variables as the environment gives them. Every field is a string so that a bad
+/// value is reported by [`Config::from_raw`] with the variable's name, not by serde.
+#[derive(Debug, Default, Deserialize)]
+pub struct Raw {
+    pub redis_url: Option<String>,
+    pub redis_stream_push_caisse: Option<String>,
+    pub paheko_push_group: Option<String>,
+    pub paheko_push_consumer: Option<String>,
+    pub paheko_plugin_url: Option<String>,
+    pub paheko_plugin_secret: Option<String>,
+    pub paheko_plugin_secret_file: Option<String>,
+    pub paheko_push_max_retries: Option<String>,
+    pub paheko_push_backoff_seconds: Option<String>,
+    pub paheko_push_backoff_factor: Option<String>,
+    pub paheko_push_max_backoff_seconds: Option<String>,
+    pub paheko_push_concurrency: Option<String>,
+    pub paheko_push_timeout_seconds: Option<String>,
+    pub paheko_push_claim_idle_seconds: Option<String>,
+    pub paheko_push_order_keys: Option<String>,
+    pub paheko_push_dead_letter_stream: Option<String>,
+    pub paheko_push_allow_http: Option<String>,
+    pub paheko_push_health_addr: Option<String>,
+    pub paheko_push_log: Option<String>,
+    pub paheko_push_log_format: Option<String>,
+}
+
+impl Raw {
+    /// Reads the process environment, completed by `dir/.env` when that file exists.
+    /// A variable set in the real environment always wins over the file.
+    pub fn from_env(dir: &Path) -> Result<Raw, ConfigError> {
+        let mut vars: HashMap<String, String> = HashMap::new();
+        let dotenv = dir.join(".env");
+        if dotenv.is_file() {
+            let text = std::fs::read_to_string(&dotenv).map_err(|e| ConfigError {
+                var: ".env".into(),
+                problem: format!("cannot read {}: {e}", dotenv.display()),
+            })?;
+            vars.extend(parse_dotenv(&text));
+        }
+        vars.extend(std::env::vars());
+        Raw::from_vars(vars)
+    }
+
+    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Raw, ConfigError> {
+        envy::from_iter(vars).map_err(|e| ConfigError {
+            var: "environment".into(),
+            problem: e.to_string(),
+        })
+    }
+}
+
+/// Parses the `KEY=value` lines of a `.env` file: `#` comments, blank lines, an optional
+/// `export ` prefix and single or double quotes around the value are understood.
+pub fn parse_dotenv(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                return None;
+            }
+            let line = line.strip_prefix("export ").unwrap_or(line);
+            let (key, value) = line.split_once('=')?;
+            let value = value.trim();
+            let value = match value.as_bytes() {
+                [q @ (b'"' | b'\''), .., last] if last == q => &value[1..value.len() - 1],
+                _ => value,
+            };
+            Some((key.trim().to_string(), value.to_string()))
+        })
+        .collect()
+}
+
+/// A variable with a value the program cannot use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub var: String,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.var, self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Where to deliver, and with which secret. Absent when the plugin URL or the secret is
+/// missing: the worker then stays up without consuming, as the Python worker did.
+#[derive(Clone)]
+pub struct Plugin {
+    pub url: String,
+    pub secret: String,
+}
+
+impl fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Plugin")
+            .field("url", &self.url)
+            .field("secret", &"[redacted]")
+            .finish()
+    }
+}
+
+/// How failed deliveries are retried; see [`crate::retry`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryConfig {
+    /// In-line attempts for one event before it is parked.
+    pub max_attempts: u32,
+    pub backoff: Duration,
+    pub factor: f64,
+    pub max_backoff: Duration,
+}
+
+/// The validated configuration.
+#[derive(Clone)]
+pub struct Config {
+    pub redis_url: String,
+    pub stream: String,
+    pub group: String,
+    pub consumer: String,
+    pub plugin: Result<Plugin, Missing>,
+    pub retry: RetryConfig,
+    pub concurrency: usize,
+    pub timeout: Duration,
+    pub claim_idle: Duration,
+    pub order_keys: Vec<String>,
+    pub dead_letter_stream: String,
+    pub allow_http: bool,
+    pub health_addr: Option<String>,
+    pub log_level: log::LevelFilter,
+    pub log_format: LogFormat,
+}
+
+/// Which variable is missing for the worker to deliver anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Missing(pub &'static str);
+
+impl fmt::Display for Missing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} is not set", self.0)
+    }
+}
+
+impl Config {
+    pub fn from_raw(raw: Raw) -> Result<Config, ConfigError> {
+        let stream = text(raw.redis_stream_push_caisse, DEFAULT_STREAM);
+        let allow_http = boolean("PAHEKO_PUSH_ALLOW_HTTP", raw.paheko_push_allow_http, false)?;
+        let retry = RetryConfig {
+            max_attempts: number(
+                "PAHEKO_PUSH_MAX_RETRIES",
+                raw.paheko_push_max_retries,
+                5,
+                1..=1000,
+            )?,
+            backoff: seconds(
+                "PAHEKO_PUSH_BACKOFF_SECONDS",
+                raw.paheko_push_backoff_seconds,
+                1.0,
+            )?,
+            factor: positive(
+                "PAHEKO_PUSH_BACKOFF_FACTOR",
+                raw.paheko_push_backoff_factor,
+                2.0,
+            )?,
+            max_backoff: seconds(
+                "PAHEKO_PUSH_MAX_BACKOFF_SECONDS",
+                raw.paheko_push_max_backoff_seconds,
+                300.0,
+            )?,
+        };
+        let timeout = seconds(
+            "PAHEKO_PUSH_TIMEOUT_SECONDS",
+            raw.paheko_push_timeout_seconds,
+            30.0,
+        )?;
+        let claim_idle = seconds(
+            "PAHEKO_PUSH_CLAIM_IDLE_SECONDS",
+            raw.paheko_push_claim_idle_seconds,
+            60.0,
+        )?;
+        if timeout.is_zero() {
+            return Err(err(
+                "PAHEKO_PUSH_TIMEOUT_SECONDS",
+                "expected a number of seconds above 0",
+            ));
+        }
+        if claim_idle <= timeout {
+            return Err(err(
+                "PAHEKO_PUSH_CLAIM_IDLE_SECONDS",
+                format!(
+                    "must be longer than PAHEKO_PUSH_TIMEOUT_SECONDS ({}s), so that a request \
+                     still running is never taken over",
+                    timeout.as_secs_f64()
+                ),
+            ));
+        }
+        let order_keys: Vec<String> =
+            text(raw.paheko_push_order_keys, "cash_session_id,session_id")
+                .split(',')
+                .map(|k| k.trim().to_string())
+                .filter(|k| !k.is_empty())
+                .collect();
+        let health_addr = match raw.paheko_push_health_addr {
+            None => Some(DEFAULT_HEALTH_ADDR.to_string()),
+            Some(a) if a.trim().is_empty() => None,
+            Some(a) => {
+                let a = a.trim().to_string();
+                if a.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(err(
+                        "PAHEKO_PUSH_HEALTH_ADDR",
+                        format!(
+                            "expected an address such as 127.0.0.1:9187, or empty to disable, got {a:?}"
+                        ),
+                    ));
+                }
+                Some(a)
+            }
+        };
+        Ok(Config {
+            redis_url: redis_url(raw.redis_url)?,
+            dead_letter_stream: text(
+                raw.paheko_push_dead_letter_stream,
+                &format!("{stream}:dead"),
+            ),
+            stream,
+            group: text(raw.paheko_push_group, DEFAULT_GROUP),
+            consumer: match raw.paheko_push_consumer {
+                Some(c) if !c.trim().is_empty() => c.trim().to_string(),
+                _ => host_name(),
+            },
+            plugin: plugin(
+                raw.paheko_plugin_url,
+                raw.paheko_plugin_secret,
+                raw.paheko_plugin_secret_file,
+                allow_http,
+            )?,
+            retry,
+            concurrency: number(
+                "PAHEKO_PUSH_CONCURRENCY",
+                raw.paheko_push_concurrency,
+                4,
+                1..=256,
+            )?,
+            timeout,
+            claim_idle,
+            order_keys,
+            allow_http,
+            health_addr,
+            log_level: log_level(raw.paheko_push_log)?,
+            log_format: match raw.paheko_push_log_format.as_deref().map(str::trim) {
+                None | Some("") | Some("json") => LogFormat::Json,
+                Some("text") => LogFormat::Text,
+                Some(other) => {
+                    return Err(err(
+                        "PAHEKO_PUSH_LOG_FORMAT",
+                        format!("expected json or text, got {other:?}"),
+                    ));
+                }
+            },
+        })
+    }
+
+    /// The strings that must never be printed: the plugin secret and the Redis password.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut secrets = Vec::new();
+        if let Ok(plugin) = &self.plugin {
+            secrets.push(plugin.secret.clone());
+        }
+        if let Some(password) = url_password(&self.redis_url) {
+            secrets.push(password.to_string());
+        }
+        secrets.retain(|s| !s.is_empty());
+        secrets
+    }
+}
+
+/// Shows the Redis URL without its password and the plugin without its secret.
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("redis_url", &redact_url(&self.redis_url))
+            .field("stream", &self.stream)
+            .field("group", &self.group)
+            .field("consumer", &self.consumer)
+            .field("plugin", &self.plugin)
+            .field("retry", &self.retry)
+            .field("concurrency", &self.concurrency)
+            .field("timeout", &self.timeout)
+            .field("claim_idle", &self.claim_idle)
+            .field("order_keys", &self.order_keys)
+            .field("dead_letter_stream", &self.dead_letter_stream)
+            .finish_non_exhaustive()
+    }
+}
+
+fn err(var: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var: var.to_string(),
+        problem: problem.into(),
+    }
+}
+
+fn text(value: Option<String>, default: &str) -> String {
+    match value {
+        Some(v) if !v.trim().is_empty() => v.trim().to_string(),
+        _ => default.to_string(),
+    }
+}
+
+fn number<T>(
+    var: &str,
+    value: Option<String>,
+    default: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
+{
+    let Some(v) = value.filter(|v| !v.trim().is_empty()) else {
+        return Ok(default);
+    };
+    match v.trim().parse::<T>() {
+        Ok(n) if range.contains(&n) => Ok(n),
+        _ => Err(err(
+            var,
+            format!(
+                "expected a whole number from {} to {}, got {v:?}",
+                range.start(),
+                range.end()
+            ),
+        )),
+    }
+}
+
+fn float(
+    var: &str,
+    value: Option<String>,
+    default: f64,
+    accepts: &str,
+    ok: impl Fn(f64) -> bool,
+) -> Result<f64, ConfigError> {
+    let Some(v) = value.filter(|v| !v.trim().is_empty()) else {
+        return Ok(default);
+    };
+    match v.trim().parse::<f64>() {
+        Ok(n) if n.is_finite() && ok(n) => Ok(n),
+        _ => Err(err(var, format!("expected {accepts}, got {v:?}"))),
+    }
+}
+
+fn seconds(var: &str, value: Option<String>, default: f64) -> Result<Duration, ConfigError> {
+    let s = float(
+        var,
+        value,
+        default,
+        "a number of seconds, 0 or more (such as 1.5)",
+        |n| (0.0..=86_400.0 * 365.0).contains(&n),
+    )?;
+    Ok(Duration::from_secs_f64(s))
+}
+
+fn positive(var: &str, value: Option<String>, default: f64) -> Result<f64, ConfigError> {
+    float(var, value, default, "a number above 0 (such as 2.0)", |n| {
+        n > 0.0 && n <= 1000.0
+    })
+}
+
+fn boolean(var: &str, value: Option<String>, default: bool) -> Result<bool, ConfigError> {
+    match value
+        .as_deref()
+        .map(|v| v.trim().to_ascii_lowercase())
+        .as_deref()
+    {
+        None | Some("") => Ok(default),
+        Some("1" | "true" | "yes" | "on") => Ok(true),
+        Some("0" | "false" | "no" | "off") => Ok(false),
+        Some(_) => Err(err(
+            var,
+            format!(
+                "expected true or false, got {:?}",
+                value.unwrap_or_default()
+            ),
+        )),
+    }
+}
+
+fn log_level(value: Option<String>) -> Result<log::LevelFilter, ConfigError> {
+    match value
+        .as_deref()
+        .map(|v| v.trim().to_ascii_lowercase())
+        .as_deref()
+    {
+        None | Some("") => Ok(log::LevelFilter::Info),
+        Some(v) => match v {
+            "error" => Ok(log::LevelFilter::Error),
+            "warn" => Ok(log::LevelFilter::Warn),
+            "info" => Ok(log::LevelFilter::Info),
+            "debug" => Ok(log::LevelFilter::Debug),
+            "trace" => Ok(log::LevelFilter::Trace),
+            _ => Err(err(
+                "PAHEKO_PUSH_LOG",
+                format!("expected error, warn, info, debug or trace, got {v:?}"),
+            )),
+        },
+    }
+}
+
+fn redis_url(value: Option<String>) -> Result<String, ConfigError> {
+    let url = text(value, DEFAULT_REDIS_URL);
+    let scheme = url.split_once("://").map(|(s, _)| s);
+    match scheme {
+        Some("redis" | "rediss" | "unix" | "redis+unix") => Ok(url),
+        _ => Err(err(
+            "REDIS_URL",
+            format!(
+                "expected a redis://, rediss:// or redis+unix:// URL, got {:?}",
+                redact_url(&url)
+            ),
+        )),
+    }
+}
+
+fn plugin(
+    url: Option<String>,
+    secret: Option<String>,
+    secret_file: Option<String>,
+    allow_http: bool,
+) -> Result<Result<Plugin, Missing>, ConfigError> {
+    let url = url.map(|u| u.trim().to_string()).filter(|u| !u.is_empty());
+    if let Some(url) = &url {
+        let lower = url.to_ascii_lowercase();
+        let host = lower
+            .strip_prefix("https://")
+            .or_else(|| lower.strip_prefix("http://"))
+            .map(|rest| rest.split(['/', '?', '#']).next().unwrap_or(""));
+        match host {
+            None | Some("") => {
+                return Err(err(
+                    "PAHEKO_PLUGIN_URL",
+                    format!(
+                        "expected an https:// URL with a host, got {:?}",
+                        redact_url(url)
+                    ),
+                ));
+            }
+            Some(_) if lower.starts_with("http://") && !allow_http => {
+                return Err(err(
+                    "PAHEKO_PLUGIN_URL",
+                    "plain http:// would send the secret in clear; use https://, or set \
+                     PAHEKO_PUSH_ALLOW_HTTP=true for a plugin on the same host",
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    let secret = match (
+        secret.filter(|s| !s.is_empty()),
+        secret_file.filter(|f| !f.trim().is_empty()),
+    ) {
+        (Some(_), Some(_)) => {
+            return Err(err(
+                "PAHEKO_PLUGIN_SECRET_FILE",
+                "set either PAHEKO_PLUGIN_SECRET or PAHEKO_PLUGIN_SECRET_FILE, not both",
+            ));
+        }
+        (Some(s), None) => Some(s),
+        (None, Some(path)) => {
+            let mut s = std::fs::read_to_string(path.trim()).map_err(|e| {
+                err(
+                    "PAHEKO_PLUGIN_SECRET_FILE",
+                    format!("cannot read {:?}: {e}", path.trim()),
+                )
+            })?;
+            while s.ends_with('\n') || s.ends_with('\r') {
+                s.pop();
+            }
+            if s.is_empty() {
+                return Err(err(
+                    "PAHEKO_PLUGIN_SECRET_FILE",
+                    format!("{:?} is empty", path.trim()),
+                ));
+            }
+            Some(s)
+        }
+        (None, None) => None,
+    };
+    if let Some(s) = &secret
+        && s.bytes().any(|b| b < 0x20 || b == 0x7f)
+    {
+        return Err(err(
+            "PAHEKO_PLUGIN_SECRET",
+            "contains a control character, which no HTTP header can carry",
+        ));
+    }
+    Ok(match (url, secret) {
+        (None, _) => Err(Missing("PAHEKO_PLUGIN_URL")),
+        (_, None) => Err(Missing("PAHEKO_PLUGIN_SECRET")),
+        (Some(url), Some(secret)) => Ok(Plugin { url, secret }),
+    })
+}
+
+/// The machine's host name: a consumer name that stays the same across restarts.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "paheko-push".to_string())
+}
+
+/// The password part of a URL's user info (`scheme://user:password@host`), or of a
+/// `?pass=`/`?password=` query parameter.
+pub fn url_password(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split('/').next().unwrap_or("");
+    if let Some((userinfo, _)) = authority.rsplit_once('@')
+        && let Some((_, password)) = userinfo.split_once(':')
+    {
+        return Some(password);
+    }
+    let query = url.split_once('?')?.1;
+    query
+        .split('&')
+        .find_map(|pair| match pair.split_once('=') {
+            Some(("pass" | "password", v)) => Some(v),
+            _ => None,
+        })
+}
+
+/// The URL with any password replaced by `***`, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match url_password(url) {
+        Some(p) if !p.is_empty() => url.replace(p, "***"),
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::from_raw(Raw::from_vars(vars)?)
+    }
+
+    #[test]
+    fn defaults_match_the_python_worker() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.redis_url, "redis://127.0.0.1:6379/0");
+        assert_eq!(c.stream, "recyclic:push:caisse");
+        assert_eq!(c.group, "recyclic-push");
+        assert_eq!(c.dead_letter_stream, "recyclic:push:caisse:dead");
+        assert_eq!(c.retry.max_attempts, 5);
+        assert_eq!(c.retry.backoff, Duration::from_secs(1));
+        assert_eq!(c.retry.factor, 2.0);
+        assert_eq!(c.concurrency, 4);
+        assert_eq!(c.timeout, Duration::from_secs(30));
+        assert_eq!(c.claim_idle, Duration::from_secs(60));
+        assert_eq!(c.order_keys, ["cash_session_id", "session_id"]);
+        assert_eq!(
+            c.plugin.as_ref().unwrap_err(),
+            &Missing("PAHEKO_PLUGIN_URL")
+        );
+        assert_eq!(c.health_addr.as_deref(), Some(DEFAULT_HEALTH_ADDR));
+        assert!(!c.consumer.is_empty());
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (var, value, says) in [
+            ("PAHEKO_PUSH_MAX_RETRIES", "abc", "whole number"),
+            ("PAHEKO_PUSH_MAX_RETRIES", "0", "whole number from 1"),
+            ("PAHEKO_PUSH_BACKOFF_FACTOR", "-1", "above 0"),
+            ("PAHEKO_PUSH_BACKOFF_FACTOR", "0", "above 0"),
+            ("PAHEKO_PUSH_BACKOFF_SECONDS", "soon", "seconds"),
+            ("PAHEKO_PUSH_CONCURRENCY", "0", "whole number"),
+            ("PAHEKO_PUSH_ALLOW_HTTP", "maybe", "true or false"),
+            ("PAHEKO_PUSH_LOG", "loud", "error, warn"),
+            ("PAHEKO_PUSH_LOG_FORMAT", "xml", "json or text"),
+            ("PAHEKO_PUSH_HEALTH_ADDR", "localhost", "address"),
+            ("PAHEKO_PLUGIN_URL", "ftp://paheko.example/push", "https://"),
+            (
+                "PAHEKO_PLUGIN_URL",
+                "http://paheko.example/push",
+                "PAHEKO_PUSH_ALLOW_HTTP",
+            ),
+            ("REDIS_URL", "mysql://x", "redis://"),
+            ("PAHEKO_PUSH_CLAIM_IDLE_SECONDS", "10", "longer than"),
+        ] {
+            let e = config(&[(var, value)]).unwrap_err();
+            assert_eq!(e.var, var, "{var}={value}");
+            assert!(e.to_string().contains(says), "{var}={value}: {e}");
+        }
+    }
+
+    #[test]
+    fn plugin_needs_url_and_secret() {
+        let c = config(&[("PAHEKO_PLUGIN_URL", "https://paheko.example/p")]).unwrap();
+        assert_eq!(c.plugin.unwrap_err(), Missing("PAHEKO_PLUGIN_SECRET"));
+        let c = config(&[
+            ("PAHEKO_PLUGIN_URL", "https://paheko.example/p"),
+            ("PAHEKO_PLUGIN_SECRET", "k"),
+        ])
+        .unwrap();
+        assert_eq!(c.plugin.unwrap().secret, "k");
+        let c = config(&[
+            ("PAHEKO_PLUGIN_URL", "http://127.0.0.1:8080/p"),
+            ("PAHEKO_PLUGIN_SECRET", "k"),
+            ("PAHEKO_PUSH_ALLOW_HTTP", "true"),
+        ])
+        .unwrap();
+        assert_eq!(c.plugin.unwrap().url, "http://127.0.0.1:8080/p");
+    }
+
+    #[test]
+    fn secret_file_loses_its_trailing_newline() {
+        let dir = std::env::temp_dir().join(format!("paheko-push-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("secret");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let c = config(&[
+            ("PAHEKO_PLUGIN_URL", "https://paheko.example/p"),
+            ("PAHEKO_PLUGIN_SECRET_FILE", file.to_str().unwrap()),
+        ])
+        .unwrap();
+        assert_eq!(c.plugin.unwrap().secret, "from-file");
+        let e = config(&[("PAHEKO_PLUGIN_SECRET_FILE", "/nonexistent/secret")]).unwrap_err();
+        assert_eq!(e.var, "PAHEKO_PLUGIN_SECRET_FILE");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn empty_health_addr_disables_the_server() {
+        assert_eq!(
+            config(&[("PAHEKO_PUSH_HEALTH_ADDR", "")])
+                .unwrap()
+                .health_addr,
+            None
+        );
+    }
+
+    #[test]
+    fn dotenv_lines() {
+        let vars =
+            parse_dotenv("# comment\n\nexport A=1\nB = \"two words\"\nC='x=y'\nnot a pair\n");
+        assert_eq!(
+            vars,
+            [
+                ("A".into(), "1".into()),
+                ("B".into(), "two words".into()),
+                ("C".into(), "x=y".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn passwords_are_found_and_redacted() {
+        assert_eq!(url_password("redis://user:pw@host:6379/0"), Some("pw"));
+        assert_eq!(url_password("redis+unix:///tmp/r.sock?pass=pw"), Some("pw"));
+        assert_eq!(url_password("redis://host:6379/0"), None);
+        assert_eq!(redact_url("rediss://:hunter2@h/0"), "rediss://:***@h/0");
+        let c = config(&[
+            ("REDIS_URL", "redis://u:pw@h/0"),
+            ("PAHEKO_PLUGIN_URL", "https://p/x"),
+            ("PAHEKO_PLUGIN_SECRET", "k"),
+        ])
+        .unwrap();
+        assert_eq!(c.secrets(), ["k", "pw"]);
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("\"k\"") && !shown.contains("pw"), "{shown}");
+    }
+}

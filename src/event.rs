@@ -1,0 +1,397 @@
+//! Stream entries as the worker sees them: the entry ID, its fields exactly as the
+//! producer wrote them, and what is derived from them — the body to POST, the event
+//! type, the ordering key and the request ID. Parsing never fails the program: an entry
+//! that cannot be delivered becomes a [`Rejected`] carrying the reason, to be
+//! dead-lettered.
+
+use std::fmt;
+use std::str::FromStr;
+
+use redis::Value;
+use serde_json::value::RawValue;
+
+/// A stream entry ID, `<milliseconds>-<sequence>`; ordered as Redis orders them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamId {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+impl FromStr for StreamId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<StreamId, String> {
+        let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
+        match (ms.parse(), seq.parse()) {
+            (Ok(ms), Ok(seq)) => Ok(StreamId { ms, seq }),
+            _ => Err(format!("not a stream entry ID: {s:?}")),
+        }
+    }
+}
+
+/// One field of an entry, name and value as raw bytes.
+pub type Field = (Vec<u8>, Vec<u8>);
+
+/// An entry as read from the stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub id: StreamId,
+    /// `None` when the entry is in the pending list but no longer in the stream: it
+    /// was trimmed or deleted before it was delivered.
+    pub fields: Option<Vec<Field>>,
+}
+
+/// An entry ready to deliver.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub id: StreamId,
+    pub fields: Vec<Field>,
+    body: Body,
+    /// The entry's `event` field (`pos.ticket.created`, …), empty when absent.
+    pub kind: String,
+    /// Events sharing a key are delivered in stream order.
+    pub key: Option<String>,
+    /// The payload's `request_id` or `correlation_id`, else the entry ID.
+    pub request_id: String,
+    /// HTTP attempts made so far, across parkings.
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Body {
+    /// The value of the field at this index, sent byte for byte.
+    Field(usize),
+    /// No `payload` or `data` field: a JSON object of all the fields.
+    Built(Vec<u8>),
+}
+
+/// An entry that cannot be delivered, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub id: StreamId,
+    pub fields: Vec<Field>,
+    /// Machine-readable: `invalid_payload`, `invalid_event`.
+    pub reason: &'static str,
+    /// For a person: what exactly was wrong.
+    pub detail: String,
+}
+
+/// What the reader hands the acker for each entry it read.
+#[derive(Debug)]
+pub enum Incoming {
+    Event(Event),
+    Rejected(Box<Rejected>),
+    /// In the pending list but gone from the stream: trimmed before delivery.
+    Vanished(StreamId),
+}
+
+impl Event {
+    pub fn body(&self) -> &[u8] {
+        match &self.body {
+            Body::Field(i) => &self.fields[*i].1,
+            Body::Built(b) => b,
+        }
+    }
+
+    /// Builds the event for an entry, or says why it cannot be delivered.
+    pub fn parse(
+        id: StreamId,
+        fields: Vec<Field>,
+        order_keys: &[String],
+    ) -> Result<Event, Box<Rejected>> {
+        let reject = |fields, reason, detail| {
+            Box::new(Rejected {
+                id,
+                fields,
+                reason,
+                detail,
+            })
+        };
+        let kind = match field(&fields, "event") {
+            None => String::new(),
+            Some(raw) => match std::str::from_utf8(raw) {
+                Ok(k) if is_header_value(k) => k.to_string(),
+                _ => {
+                    let detail = format!(
+                        "the event field {:?} cannot be sent in an HTTP header",
+                        String::from_utf8_lossy(raw)
+                    );
+                    return Err(reject(fields, "invalid_event", detail));
+                }
+            },
+        };
+        let payload_at = ["payload", "data"]
+            .iter()
+            .find_map(|name| fields.iter().position(|(f, _)| f == name.as_bytes()));
+        let Some(at) = payload_at else {
+            let body = fields_as_json(&fields);
+            return Ok(Event {
+                id,
+                body: Body::Built(body),
+                kind,
+                key: None,
+                request_id: id.to_string(),
+                attempts: 0,
+                fields,
+            });
+        };
+        let (key, request_id) = match inspect_payload(&fields[at].1, order_keys) {
+            Ok(found) => found,
+            Err(detail) => {
+                let name = String::from_utf8_lossy(&fields[at].0).into_owned();
+                return Err(reject(
+                    fields,
+                    "invalid_payload",
+                    format!("field {name}: {detail}"),
+                ));
+            }
+        };
+        Ok(Event {
+            id,
+            body: Body::Field(at),
+            kind,
+            key,
+            request_id: request_id.unwrap_or_else(|| id.to_string()),
+            attempts: 0,
+            fields,
+        })
+    }
+}
+
+fn field<'a>(fields: &'a [Field], name: &str) -> Option<&'a [u8]> {
+    fields
+        .iter()
+        .find(|(f, _)| f == name.as_bytes())
+        .map(|(_, v)| v.as_slice())
+}
+
+/// Checks the payload is UTF-8 JSON and finds its ordering key and request ID, without
+/// building a tree of the whole document.
+fn inspect_payload(
+    raw: &[u8],
+    order_keys: &[String],
+) -> Result<(Option<String>, Option<String>), String> {
+    let text = std::str::from_utf8(raw).map_err(|e| format!("not UTF-8 ({e})"))?;
+    let top: &RawValue = serde_json::from_str(text).map_err(|e| format!("not JSON ({e})"))?;
+    if !top.get().starts_with('{') {
+        return Ok((None, None));
+    }
+    let object: std::collections::HashMap<String, &RawValue> =
+        serde_json::from_str(top.get()).map_err(|e| format!("not a JSON object ({e})"))?;
+    let scalar = |name: &str| object.get(name).and_then(|v| scalar_text(v));
+    let key = order_keys.iter().find_map(|k| scalar(k));
+    let request_id = scalar("request_id")
+        .or_else(|| scalar("correlation_id"))
+        .filter(|r| is_header_value(r));
+    Ok((key, request_id))
+}
+
+/// A JSON string's text, or a number's digits; `None` for null, objects and arrays.
+fn scalar_text(v: &RawValue) -> Option<String> {
+    let raw = v.get();
+    match raw.as_bytes().first()? {
+        b'"' => serde_json::from_str::<String>(raw).ok(),
+        b'-' | b'0'..=b'9' => Some(raw.to_string()),
+        _ => None,
+    }
+}
+
+fn is_header_value(s: &str) -> bool {
+    s.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b)) && s.len() <= 1024
+}
+
+fn fields_as_json(fields: &[Field]) -> Vec<u8> {
+    let object: serde_json::Map<String, serde_json::Value> = fields
+        .iter()
+        .map(|(k, v)| {
+            (
+                String::from_utf8_lossy(k).into_owned(),
+                serde_json::Value::String(String::from_utf8_lossy(v).into_owned()),
+            )
+        })
+        .collect();
+    serde_json::to_vec(&object).unwrap_or_else(|_| b"{}".to_vec())
+}
+
+/// Reads the entries of an XREADGROUP or XAUTOCLAIM reply (RESP2):
+/// `[[id, [field, value, …] | nil], …]`.
+pub fn entries_from(value: Value) -> Result<Vec<Entry>, String> {
+    let Value::Array(items) = value else {
+        return Err(format!("expected a list of entries, got {value:?}"));
+    };
+    items
+        .into_iter()
+        .map(|item| {
+            let Value::Array(mut pair) = item else {
+                return Err("an entry is not a list".to_string());
+            };
+            if pair.len() != 2 {
+                return Err(format!("an entry has {} parts, not 2", pair.len()));
+            }
+            let fields = pair.pop().unwrap_or(Value::Nil);
+            let id = match pair.pop() {
+                Some(Value::BulkString(b)) => String::from_utf8_lossy(&b).parse()?,
+                other => return Err(format!("an entry ID is {other:?}")),
+            };
+            let fields = match fields {
+                Value::Nil => None,
+                Value::Array(flat) => Some(pairs(flat)?),
+                other => return Err(format!("entry {id} has fields {other:?}")),
+            };
+            Ok(Entry { id, fields })
+        })
+        .collect()
+}
+
+fn pairs(flat: Vec<Value>) -> Result<Vec<Field>, String> {
+    let mut out = Vec::with_capacity(flat.len() / 2);
+    let mut it = flat.into_iter();
+    while let Some(name) = it.next() {
+        match (name, it.next()) {
+            (Value::BulkString(n), Some(Value::BulkString(v))) => out.push((n, v)),
+            (n, v) => return Err(format!("a field is {n:?} = {v:?}")),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> Vec<String> {
+        vec!["cash_session_id".into(), "session_id".into()]
+    }
+
+    fn fields(pairs: &[(&str, &str)]) -> Vec<Field> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    const ID: StreamId = StreamId {
+        ms: 1700000000000,
+        seq: 3,
+    };
+
+    #[test]
+    fn stream_ids_order_numerically() {
+        let a: StreamId = "1700000000000-9".parse().unwrap();
+        let b: StreamId = "1700000000000-10".parse().unwrap();
+        assert!(a < b);
+        assert_eq!(b.to_string(), "1700000000000-10");
+        assert!("x-1".parse::<StreamId>().is_err());
+    }
+
+    #[test]
+    fn payload_is_sent_byte_for_byte() {
+        let payload = "{ \"sale_id\" : \"s1\",\"cash_session_id\":\"cs-9\", \"total\": 1.50, \"label\":\"caf\\u00e9\" }";
+        let e = Event::parse(
+            ID,
+            fields(&[("event", "pos.ticket.created"), ("payload", payload)]),
+            &keys(),
+        )
+        .unwrap();
+        assert_eq!(e.body(), payload.as_bytes());
+        assert_eq!(e.kind, "pos.ticket.created");
+        assert_eq!(e.key.as_deref(), Some("cs-9"));
+        assert_eq!(e.request_id, "1700000000000-3");
+    }
+
+    #[test]
+    fn first_present_order_key_wins_and_numbers_count() {
+        let e = Event::parse(
+            ID,
+            fields(&[("payload", r#"{"session_id":42,"cash_session_id":null}"#)]),
+            &keys(),
+        )
+        .unwrap();
+        assert_eq!(e.key.as_deref(), Some("42"));
+        let e = Event::parse(ID, fields(&[("data", r#"{"x":1}"#)]), &keys()).unwrap();
+        assert_eq!(e.key, None);
+        assert_eq!(e.body(), br#"{"x":1}"#);
+    }
+
+    #[test]
+    fn request_id_comes_from_the_payload() {
+        let e = Event::parse(
+            ID,
+            fields(&[("payload", r#"{"correlation_id":"c-1"}"#)]),
+            &keys(),
+        )
+        .unwrap();
+        assert_eq!(e.request_id, "c-1");
+        let e = Event::parse(
+            ID,
+            fields(&[("payload", r#"{"request_id":"r-1","correlation_id":"c-1"}"#)]),
+            &keys(),
+        )
+        .unwrap();
+        assert_eq!(e.request_id, "r-1");
+    }
+
+    #[test]
+    fn entry_without_payload_is_sent_as_its_fields() {
+        let e = Event::parse(
+            ID,
+            fields(&[("event", "pos.session.opened"), ("session_id", "s1")]),
+            &keys(),
+        )
+        .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(e.body()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"event": "pos.session.opened", "session_id": "s1"})
+        );
+    }
+
+    #[test]
+    fn bad_payloads_are_rejected_with_a_reason() {
+        let r = Event::parse(ID, fields(&[("payload", "{not json")]), &keys()).unwrap_err();
+        assert_eq!(r.reason, "invalid_payload");
+        assert!(
+            r.detail.starts_with("field payload: not JSON"),
+            "{}",
+            r.detail
+        );
+        let mut f = fields(&[("payload", "")]);
+        f[0].1 = vec![b'"', 0xff, b'"'];
+        let r = Event::parse(ID, f, &keys()).unwrap_err();
+        assert!(r.detail.contains("not UTF-8"), "{}", r.detail);
+        let r =
+            Event::parse(ID, fields(&[("event", "a\nb"), ("payload", "{}")]), &keys()).unwrap_err();
+        assert_eq!(r.reason, "invalid_event");
+    }
+
+    #[test]
+    fn reads_redis_replies_including_vanished_entries() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                bulk("1-1"),
+                Value::Array(vec![bulk("event"), bulk("e"), bulk("payload"), bulk("{}")]),
+            ]),
+            Value::Array(vec![bulk("1-2"), Value::Nil]),
+        ]);
+        let entries = entries_from(reply).unwrap();
+        assert_eq!(
+            entries[0].fields.as_ref().unwrap()[1],
+            (b"payload".to_vec(), b"{}".to_vec())
+        );
+        assert_eq!(
+            entries[1],
+            Entry {
+                id: StreamId { ms: 1, seq: 2 },
+                fields: None
+            }
+        );
+        assert!(entries_from(Value::Int(3)).is_err());
+    }
+}
