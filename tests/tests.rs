@@ -1,0 +1,7 @@
+//! Integration tests: the real `paheko-push` binary against a real redis-server and a
+//! real HTTP sink, all private to each test (see `util`). One binary, one module per
+//! area.
+
+mod util;
+
+mod harness;

@@ -1,0 +1,172 @@
+//! Test harness for the `paheko-push` integration tests.
+//!
+//! Every test gets its own real collaborators, so tests can run in parallel and never
+//! touch anything shared:
+//!
+//! * [`RedisServer`]: a private `redis-server` listening only on a unix socket inside
+//!   the test's own temp dir (no TCP port, so no port races and never the shared Redis
+//!   on 6379);
+//! * [`Sink`]: a real HTTP server standing in for the Paheko plugin, recording every
+//!   request and answering what the test scripts;
+//! * [`Worker`]: the real `paheko-push` binary, run with a scrubbed environment in an
+//!   empty working directory, its output captured to files.
+//!
+//! Synchronisation is always "poll for the condition with a deadline" ([`wait_until`],
+//! [`wait_for`]); nothing here sleeps a fixed time hoping something has happened.
+//! When a test panics, dropping a [`Worker`] prints what the child wrote on stderr, and
+//! dropping a [`RedisServer`] prints the tail of its log, so a failure explains itself.
+//!
+//! This module must not depend on the library crate: it drives the program from the
+//! outside, exactly as an operator would.
+
+// Not every helper is used by every test (or by any test yet).
+#![allow(dead_code)]
+
+mod redis_server;
+mod sink;
+mod worker;
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+// Re-exported whole; the tests use different subsets.
+#[allow(unused_imports)]
+pub use redis_server::{RedisServer, pending_count, stream_entries, xadd, xadd_bytes, xlen};
+#[allow(unused_imports)]
+pub use sink::{Received, Reply, Sink};
+#[allow(unused_imports)]
+pub use worker::{Finished, Worker};
+
+/// The plugin secret every test worker is configured with (see [`base_env`]); tests
+/// assert that it is sent, and that it never shows up in logs.
+pub const SECRET: &str = "s3cr3t-Paheko-Token-xyz";
+
+/// How often [`wait_until`] and [`wait_for`] re-check their condition.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Polls `cond` every [`POLL_INTERVAL`] until it returns true.
+///
+/// Panics with `timed out after {timeout:?}: {what}` if it is still false once `timeout`
+/// has elapsed, so `what` should read as the expectation, e.g. "3 requests at the sink".
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    wait_for(what, timeout, || cond().then_some(()))
+}
+
+/// Polls `probe` every [`POLL_INTERVAL`] until it returns `Some`, and returns that value.
+///
+/// Panics like [`wait_until`] on timeout. The probe is always called at least once, and
+/// once more after the deadline, so a slow machine never fails a condition that holds.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?}: {what}");
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// One environment variable given to a child process.
+///
+/// Implemented for `(K, V)` with `K, V: AsRef<str>` and for references to such pairs, so
+/// spawn functions accept `base_env(..)`, `&base_env(..)`, `[("K", "v")]` and
+/// `&[("K", "v")]` alike.
+pub trait EnvPair {
+    fn pair(&self) -> (&str, &str);
+}
+
+impl<K: AsRef<str>, V: AsRef<str>> EnvPair for (K, V) {
+    fn pair(&self) -> (&str, &str) {
+        (self.0.as_ref(), self.1.as_ref())
+    }
+}
+
+impl<T: EnvPair + ?Sized> EnvPair for &T {
+    fn pair(&self) -> (&str, &str) {
+        (**self).pair()
+    }
+}
+
+/// The environment of a worker that works: it reads `redis`, pushes to `sink`, logs
+/// JSON at debug level on stderr, serves health on an ephemeral port and retries fast.
+///
+/// Extend or override it with [`env_with`] (later entries win), or drop variables with
+/// [`env_without`] to test configuration errors.
+pub fn base_env(redis: &RedisServer, sink: &Sink) -> Vec<(String, String)> {
+    [
+        ("REDIS_URL", redis.url()),
+        ("PAHEKO_PLUGIN_URL", sink.url()),
+        ("PAHEKO_PLUGIN_SECRET", SECRET.to_owned()),
+        ("PAHEKO_PUSH_ALLOW_HTTP", "true".to_owned()),
+        ("PAHEKO_PUSH_HEALTH_ADDR", "127.0.0.1:0".to_owned()),
+        ("PAHEKO_PUSH_CONSUMER", "test-worker".to_owned()),
+        ("PAHEKO_PUSH_LOG", "debug".to_owned()),
+        ("PAHEKO_PUSH_LOG_FORMAT", "json".to_owned()),
+        ("PAHEKO_PUSH_BACKOFF_SECONDS", "0.05".to_owned()),
+        ("PAHEKO_PUSH_CLAIM_IDLE_SECONDS", "5".to_owned()),
+        ("PAHEKO_PUSH_TIMEOUT_SECONDS", "2".to_owned()),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_owned(), value))
+    .collect()
+}
+
+/// `base` with `overrides` applied: a variable already in `base` takes the new value in
+/// place, a new one is appended.
+pub fn env_with(
+    base: Vec<(String, String)>,
+    overrides: impl IntoIterator<Item = impl EnvPair>,
+) -> Vec<(String, String)> {
+    let mut env = base;
+    for pair in overrides {
+        let (name, value) = pair.pair();
+        match env.iter_mut().find(|(n, _)| n == name) {
+            Some(slot) => slot.1 = value.to_owned(),
+            None => env.push((name.to_owned(), value.to_owned())),
+        }
+    }
+    env
+}
+
+/// `base` without the variables named in `names`.
+///
+/// Careful: the worker has defaults for some variables, and the default `REDIS_URL` is
+/// `redis://127.0.0.1:6379`, the machine's shared Redis, which tests must never touch;
+/// the default health address is a fixed port too. Drop those only in tests that exit
+/// before connecting (e.g. on another configuration error).
+pub fn env_without(base: Vec<(String, String)>, names: &[&str]) -> Vec<(String, String)> {
+    let mut env = base;
+    env.retain(|(name, _)| !names.contains(&name.as_str()));
+    env
+}
+
+/// Sends `signal` (a name `kill` understands: "TERM", "INT", "KILL", …) to `pid`.
+///
+/// Goes through `kill(1)` so the harness needs no `libc`; the child must not have been
+/// reaped yet, or the pid could belong to someone else (callers check `try_wait` first).
+fn send_signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap_or_else(|e| panic!("running kill -{signal} {pid}: {e}"));
+    assert!(status.success(), "kill -{signal} {pid} failed: {status}");
+}
+
+/// The last `n` lines of `text`, for failure dumps.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    let mut out = String::new();
+    if start > 0 {
+        out.push_str(&format!("[… {start} earlier lines]\n"));
+    }
+    for line in &lines[start..] {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}

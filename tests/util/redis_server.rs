@@ -1,0 +1,358 @@
+//! A private `redis-server` per test, and small stream helpers on a connection.
+//!
+//! The server listens only on a unix socket inside its own temp dir (`--port 0`), so
+//! tests never race for ports and can never reach the shared Redis on 6379. Its data dir
+//! is that same temp dir, which is what lets [`RedisServer::restart`] come back with the
+//! data an AOF-enabled server persisted.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use redis::Value;
+use tempfile::TempDir;
+
+use super::{POLL_INTERVAL, send_signal, tail};
+
+/// How long a server gets to answer PING after being (re)started.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a server gets to exit after SIGTERM (it flushes the AOF first).
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// `sun_path` holds 108 bytes on Linux; stay clear of it.
+const MAX_SOCKET_PATH: usize = 100;
+
+/// A `redis-server` child process owned by one test. Killed on drop.
+pub struct RedisServer {
+    dir: TempDir,
+    extra_args: Vec<String>,
+    password: Option<String>,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a server with the default settings: no persistence at all.
+    pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// Starts a server with `extra_args` appended to the command line, which override the
+    /// defaults, e.g. `["--appendonly", "yes"]` or `["--requirepass", "s3cret"]`.
+    ///
+    /// A `--requirepass` value is remembered and carried in [`url`](Self::url).
+    pub fn start_with(extra_args: &[&str]) -> RedisServer {
+        let dir = make_temp_dir();
+        let extra_args: Vec<String> = extra_args.iter().map(|a| a.to_string()).collect();
+        let password = extra_args
+            .iter()
+            .position(|a| a == "--requirepass")
+            .and_then(|i| extra_args.get(i + 1).cloned());
+        let mut server = RedisServer {
+            dir,
+            extra_args,
+            password,
+            child: None,
+        };
+        server.spawn_and_wait();
+        server
+    }
+
+    /// The temp dir holding the socket, the log and any persisted data.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The unix socket the server listens on.
+    pub fn socket_path(&self) -> PathBuf {
+        self.dir.path().join("redis.sock")
+    }
+
+    /// A URL the `redis` crate (and so the worker's `REDIS_URL`) accepts for this server,
+    /// with the password if the server was started with `--requirepass`.
+    ///
+    /// For unix sockets redis 1.8 takes `unix://` or `redis+unix://` followed by the
+    /// absolute path; its unix parser reads `user`, `pass` and `db` only from the query
+    /// string, never from the authority part.
+    pub fn url(&self) -> String {
+        self.url_with_password(self.password.as_deref())
+    }
+
+    /// Like [`url`](Self::url) but with the given password (or none), to test what the
+    /// worker does with wrong credentials.
+    pub fn url_with_password(&self, password: Option<&str>) -> String {
+        let path = percent_encode(&self.socket_path().to_string_lossy(), b"/");
+        match password {
+            Some(pass) => format!("redis+unix://{path}?pass={}", percent_encode(pass, b"")),
+            None => format!("redis+unix://{path}"),
+        }
+    }
+
+    /// A fresh connection to the server (authenticated if it has a password).
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(5)))
+            .unwrap_or_else(|e| panic!("connecting to {}: {e}", self.url()))
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Stops the server with SIGTERM and waits for it to exit, as an orderly shutdown
+    /// would: with `--appendonly yes` everything written so far survives a
+    /// [`restart`](Self::restart). Does nothing if it is not running.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if child.try_wait().expect("polling redis-server").is_none() {
+            send_signal(child.id(), "TERM");
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while child.try_wait().expect("polling redis-server").is_none() {
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "redis-server did not exit within {STOP_TIMEOUT:?} of SIGTERM\n{}",
+                    self.log_tail(50)
+                );
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Kills the server with SIGKILL, as a crash would: only what was already fsynced
+    /// survives. Does nothing if it is not running.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again in the same dir with the same arguments (stopping it with
+    /// SIGTERM first if it still runs), and waits until it answers PING with its data
+    /// loaded. The socket path, and so [`url`](Self::url), stay the same.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn_and_wait();
+    }
+
+    /// The last `n` lines of the server's log and stderr.
+    pub fn log_tail(&self, n: usize) -> String {
+        let log = fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
+        let stderr = fs::read_to_string(self.dir.path().join("redis.stderr")).unwrap_or_default();
+        format!(
+            "--- redis-server log ({}) ---\n{}--- redis-server stderr ---\n{}",
+            self.dir.path().display(),
+            tail(&log, n),
+            tail(&stderr, n)
+        )
+    }
+
+    fn spawn_and_wait(&mut self) {
+        let dir = self.dir.path();
+        let stderr = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("redis.stderr"))
+            .expect("creating redis.stderr");
+        let child = Command::new("redis-server")
+            .arg("--port")
+            .arg("0")
+            .arg("--unixsocket")
+            .arg(self.socket_path())
+            .arg("--unixsocketperm")
+            .arg("700")
+            .arg("--dir")
+            .arg(dir)
+            .arg("--logfile")
+            .arg(dir.join("redis.log"))
+            .arg("--save")
+            .arg("")
+            .arg("--daemonize")
+            .arg("no")
+            .args(&self.extra_args)
+            .env_clear()
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("starting redis-server (is it installed and on PATH?): {e}")
+            });
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Waits until the server answers PING and reports `loading:0`; a server still
+    /// loading its AOF answers PING with a LOADING error, but checking INFO too keeps the
+    /// intent explicit.
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                panic!(
+                    "redis-server exited with {status} during start-up\n{}",
+                    self.log_tail(50)
+                );
+            }
+            let last_error = match self.probe() {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            if Instant::now() >= deadline {
+                panic!(
+                    "redis-server not ready after {READY_TIMEOUT:?} (last error: {last_error})\n{}",
+                    self.log_tail(50)
+                );
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    fn probe(&self) -> Result<(), String> {
+        if !self.socket_path().exists() {
+            return Err("socket not created yet".into());
+        }
+        let mut conn = redis::Client::open(self.url())
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(1)))
+            .map_err(|e| e.to_string())?;
+        let pong: String = redis::cmd("PING")
+            .query(&mut conn)
+            .map_err(|e| e.to_string())?;
+        if pong != "PONG" {
+            return Err(format!("PING answered {pong:?}"));
+        }
+        let info: String = redis::cmd("INFO")
+            .arg("persistence")
+            .query(&mut conn)
+            .map_err(|e| e.to_string())?;
+        if info.lines().any(|l| l.trim() == "loading:0") {
+            Ok(())
+        } else {
+            Err("still loading".into())
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let was_running = self.child.is_some();
+        self.kill();
+        if std::thread::panicking() && was_running {
+            eprintln!("{}", self.log_tail(30));
+        }
+    }
+}
+
+/// A temp dir whose socket path fits in `sun_path`, even with a long `TMPDIR`.
+fn make_temp_dir() -> TempDir {
+    let builder = {
+        let mut b = tempfile::Builder::new();
+        b.prefix("paheko-redis-");
+        b
+    };
+    let dir = builder.tempdir().expect("creating redis temp dir");
+    if dir.path().join("redis.sock").as_os_str().len() <= MAX_SOCKET_PATH {
+        return dir;
+    }
+    builder
+        .tempdir_in("/tmp")
+        .expect("creating redis temp dir in /tmp")
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters and `keep`.
+fn percent_encode(text: &str, keep: &[u8]) -> String {
+    let mut out = String::with_capacity(text.len());
+    for &b in text.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || keep.contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `XADD stream * field value …` with text values; returns the new entry's id.
+pub fn xadd(conn: &mut redis::Connection, stream: &str, fields: &[(&str, &str)]) -> String {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream).arg("*");
+    for (field, value) in fields {
+        cmd.arg(*field).arg(*value);
+    }
+    cmd.query(conn)
+        .unwrap_or_else(|e| panic!("XADD {stream}: {e}"))
+}
+
+/// `XADD stream * field value …` with raw byte values (invalid UTF-8, huge payloads…);
+/// returns the new entry's id.
+pub fn xadd_bytes(conn: &mut redis::Connection, stream: &str, fields: &[(&str, &[u8])]) -> String {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream).arg("*");
+    for (field, value) in fields {
+        cmd.arg(*field).arg(*value);
+    }
+    cmd.query(conn)
+        .unwrap_or_else(|e| panic!("XADD {stream}: {e}"))
+}
+
+/// The number of entries delivered to `group` but not yet acknowledged (the XPENDING
+/// summary count); 0 when the stream or the group does not exist.
+pub fn pending_count(conn: &mut redis::Connection, stream: &str, group: &str) -> u64 {
+    let summary: Result<Vec<Value>, _> = redis::cmd("XPENDING").arg(stream).arg(group).query(conn);
+    match summary {
+        Ok(summary) => {
+            let count = summary
+                .first()
+                .unwrap_or_else(|| panic!("XPENDING {stream} {group}: empty reply"));
+            redis::from_redis_value_ref(count)
+                .unwrap_or_else(|e| panic!("XPENDING {stream} {group}: bad count: {e}"))
+        }
+        Err(e) if e.code() == Some("NOGROUP") => 0,
+        Err(e) => panic!("XPENDING {stream} {group}: {e}"),
+    }
+}
+
+/// `XLEN stream`; 0 when the stream does not exist.
+pub fn xlen(conn: &mut redis::Connection, stream: &str) -> u64 {
+    redis::cmd("XLEN")
+        .arg(stream)
+        .query(conn)
+        .unwrap_or_else(|e| panic!("XLEN {stream}: {e}"))
+}
+
+/// One stream entry: its id and its fields in order, values as raw bytes.
+pub type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+
+/// Every entry of `stream` (`XRANGE stream - +`), oldest first.
+pub fn stream_entries(conn: &mut redis::Connection, stream: &str) -> Vec<StreamEntry> {
+    let raw: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query(conn)
+        .unwrap_or_else(|e| panic!("XRANGE {stream}: {e}"));
+    raw.into_iter()
+        .map(|(id, flat)| {
+            let fields = flat
+                .chunks(2)
+                .map(|pair| {
+                    let name = String::from_utf8_lossy(&pair[0]).into_owned();
+                    let value = pair.get(1).cloned().unwrap_or_default();
+                    (name, value)
+                })
+                .collect();
+            (id, fields)
+        })
+        .collect()
+}
