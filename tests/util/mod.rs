@@ -170,3 +170,34 @@ fn tail(text: &str, n: usize) -> String {
     }
     out
 }
+
+/// The stream, group and dead-letter stream the worker uses by default.
+pub const STREAM: &str = "recyclic:push:caisse";
+pub const GROUP: &str = "recyclic-push";
+pub const DEAD: &str = "recyclic:push:caisse:dead";
+
+/// A `pos.ticket.created` payload as RecyClique writes it.
+pub fn ticket(session: &str, sale: &str) -> String {
+    format!(
+        r#"{{"event":"pos.ticket.created","sale_id":"{sale}","cash_session_id":"{session}","operator_id":"op-1","items":[{{"category":"Livres","quantity":2,"weight":1.2,"unit_price":150,"total_price":300}}],"payments":[{{"method":"cash","amount":300}}],"total_amount":300}}"#
+    )
+}
+
+/// Publishes a ticket the way the producer does; returns the entry ID.
+pub fn publish_ticket(conn: &mut redis::Connection, session: &str, sale: &str) -> String {
+    xadd(
+        conn,
+        STREAM,
+        &[("event", "pos.ticket.created"), ("payload", &ticket(session, sale))],
+    )
+}
+
+/// The `sale_id` or `session_id` a received body names, for order checks.
+pub fn sale_of(r: &Received) -> String {
+    let body = r.json();
+    body["sale_id"]
+        .as_str()
+        .or(body["session_id"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
