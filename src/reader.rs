@@ -47,7 +47,7 @@ impl Reader {
                 stats_at = Some(Instant::now());
             }
             let result = if group_ready {
-                store::read(&mut self.redis, &self.names, cursor, COUNT, BLOCK)
+                store::read(&mut self.redis, &self.names, cursor, COUNT, BLOCK).map(Some)
             } else {
                 store::ensure_group(&mut self.redis, &self.names).map(|created| {
                     if created {
@@ -55,19 +55,19 @@ impl Reader {
                             "consumer group created");
                     }
                     group_ready = true;
-                    Vec::new()
+                    None
                 })
             };
             match result {
-                Ok(entries) => {
+                Ok(read) => {
                     if failures > 0 {
                         log::info!("redis reachable again");
                     }
                     failures = 0;
                     self.stats.set_redis_ok(true);
-                    if !group_ready {
+                    let Some(entries) = read else {
                         continue;
-                    }
+                    };
                     cursor = match (cursor, entries.last()) {
                         (Cursor::Pending(_), Some(last)) => Cursor::Pending(last.id),
                         (Cursor::Pending(_), None) => Cursor::New,
