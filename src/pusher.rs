@@ -210,7 +210,8 @@ impl Pusher {
                     .limit(DETAIL_LIMIT * 32)
                     .read_to_vec()
                     .unwrap_or_default();
-                let mut body = String::from_utf8_lossy(&body).into_owned();
+                // A plugin may echo the request back: the secret must not be kept.
+                let mut body = String::from_utf8_lossy(&body).replace(&self.plugin.secret, "[redacted]");
                 let mut end = body.len().min(DETAIL_LIMIT as usize);
                 while !body.is_char_boundary(end) {
                     end -= 1;

@@ -1,0 +1,123 @@
+//! Configuration (issue 2 §1): bad values stop the program before Redis is touched,
+//! with one line naming the variable; a missing URL or secret keeps the worker up,
+//! consuming nothing; `.env` and secret files are read, the real environment wins.
+
+use std::time::Duration;
+
+use super::util::*;
+
+const T: Duration = Duration::from_secs(20);
+
+#[test]
+fn a_bad_value_stops_the_program_before_redis_with_one_line_naming_it() {
+    let redis = RedisServer::start();
+    let sink = Sink::ok();
+    let mut conn = redis.conn();
+    for (var, value, says) in [
+        ("PAHEKO_PUSH_MAX_RETRIES", "abc", "expected a whole number from 1 to 1000, got \"abc\""),
+        ("PAHEKO_PUSH_BACKOFF_FACTOR", "-2", "expected a number above 0"),
+        ("PAHEKO_PUSH_BACKOFF_FACTOR", "0", "expected a number above 0"),
+        ("PAHEKO_PLUGIN_URL", "ftp://paheko.example/push", "expected an https:// URL"),
+        ("PAHEKO_PLUGIN_URL", "not a url", "expected an https:// URL"),
+        ("PAHEKO_PUSH_CONCURRENCY", "many", "whole number"),
+        ("PAHEKO_PUSH_TIMEOUT_SECONDS", "-1", "seconds"),
+        ("PAHEKO_PUSH_LOG", "verbose", "expected error, warn, info, debug or trace"),
+        ("REDIS_URL", "http://127.0.0.1:6379", "expected a redis://"),
+    ] {
+        let env = env_with(base_env(&redis, &sink), [(var, value)]);
+        let done = Worker::run_to_end(&[], env);
+        assert_eq!(done.code(), Some(2), "{var}={value}: {done:?}");
+        let lines: Vec<&str> = done.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{var}={value}: {done:?}");
+        assert!(lines[0].starts_with(&format!("paheko-push: configuration: {var}: ")), "{}", lines[0]);
+        assert!(lines[0].contains(says), "{var}={value}: {}", lines[0]);
+    }
+    // http:// without the allow flag: refused, naming the way out.
+    let env = env_without(base_env(&redis, &sink), &["PAHEKO_PUSH_ALLOW_HTTP"]);
+    let done = Worker::run_to_end(&[], env);
+    assert_eq!(done.code(), Some(2));
+    assert!(done.stderr.contains("PAHEKO_PLUGIN_URL") && done.stderr.contains("PAHEKO_PUSH_ALLOW_HTTP=true"), "{done:?}");
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
+    assert!(keys.is_empty(), "Redis was touched: {keys:?}");
+}
+
+#[test]
+fn without_a_plugin_url_the_worker_stays_up_unconfigured_and_consumes_nothing() {
+    let redis = RedisServer::start();
+    let sink = Sink::ok();
+    let mut conn = redis.conn();
+    publish_ticket(&mut conn, "cs-1", "sale-1");
+    let mut worker = Worker::spawn(env_without(base_env(&redis, &sink), &["PAHEKO_PLUGIN_URL"]));
+    let said = worker.wait_for_msg(
+        "PAHEKO_PLUGIN_URL is not set: nothing is delivered until it is set; events stay queued in Redis",
+        T,
+    );
+    assert_eq!(said["level"], "error");
+    let (code, health) = wait_for("health shows Redis checked", T, || {
+        let (code, h) = worker.health();
+        (h["redis"] == "ok").then_some((code, h))
+    });
+    assert_eq!(code, 200);
+    assert_eq!(health["push_worker"], "unconfigured");
+    assert_eq!(health["status"], "degraded");
+    let groups: Result<Vec<redis::Value>, _> = redis::cmd("XINFO").arg("GROUPS").arg(STREAM).query(&mut conn);
+    assert_eq!(groups.unwrap().len(), 0, "no group created, nothing read");
+    assert_eq!(sink.count(), 0);
+    worker.sigterm();
+    assert_eq!(worker.wait_exit(T).code(), Some(0));
+
+    let worker = Worker::spawn(env_without(base_env(&redis, &sink), &["PAHEKO_PLUGIN_SECRET"]));
+    worker.wait_for_msg(
+        "PAHEKO_PLUGIN_SECRET is not set: nothing is delivered until it is set; events stay queued in Redis",
+        T,
+    );
+    assert_eq!(worker.health().1["push_worker"], "unconfigured");
+}
+
+#[test]
+fn dotenv_is_read_from_the_working_directory_and_the_environment_wins() {
+    let redis = RedisServer::start();
+    let sink = Sink::ok();
+    let mut conn = redis.conn();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".env"),
+        "# as RecyClique's .env\nPAHEKO_PLUGIN_SECRET=\"from-dotenv\"\nPAHEKO_PUSH_CONSUMER=dotenv-name\n",
+    )
+    .unwrap();
+    let env = env_with(
+        env_without(base_env(&redis, &sink), &["PAHEKO_PLUGIN_SECRET"]),
+        [("PAHEKO_PUSH_CONSUMER", "env-name")],
+    );
+    let _worker = Worker::spawn_in(dir.path(), env);
+    publish_ticket(&mut conn, "cs-1", "sale-1");
+    let received = sink.wait_for_count(1, T);
+    assert_eq!(received[0].header("x-paheko-secret"), Some("from-dotenv"));
+    let consumers: Vec<Vec<redis::Value>> =
+        redis::cmd("XINFO").arg("CONSUMERS").arg(STREAM).arg(GROUP).query(&mut conn).unwrap();
+    assert!(format!("{consumers:?}").contains("env-name"), "{consumers:?}");
+    assert!(!format!("{consumers:?}").contains("dotenv-name"), "{consumers:?}");
+}
+
+#[test]
+fn the_secret_can_come_from_a_file() {
+    let redis = RedisServer::start();
+    let sink = Sink::ok();
+    let mut conn = redis.conn();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("paheko-secret");
+    std::fs::write(&file, "secret-from-a-file\n").unwrap();
+    let env = env_with(
+        env_without(base_env(&redis, &sink), &["PAHEKO_PLUGIN_SECRET"]),
+        [("PAHEKO_PLUGIN_SECRET_FILE", file.to_str().unwrap())],
+    );
+    let _worker = Worker::spawn(env);
+    publish_ticket(&mut conn, "cs-1", "sale-1");
+    let received = sink.wait_for_count(1, T);
+    assert_eq!(received[0].header("x-paheko-secret"), Some("secret-from-a-file"));
+
+    let env = env_with(base_env(&redis, &sink), [("PAHEKO_PLUGIN_SECRET_FILE", "/nonexistent/secret")]);
+    let done = Worker::run_to_end(&[], env);
+    assert_eq!(done.code(), Some(2));
+    assert!(done.stderr.contains("set either PAHEKO_PLUGIN_SECRET or PAHEKO_PLUGIN_SECRET_FILE"), "{done:?}");
+}
