@@ -30,6 +30,8 @@ pub struct Acker {
     pub redis: Redis,
     pub names: Names,
     pub claim_idle: Duration,
+    /// Redis deliveries after which an entry is dead-lettered; 0 = no limit.
+    pub max_deliveries: u64,
     pub stats: Arc<Stats>,
     pub shutdown: Shutdown,
 }
@@ -48,6 +50,8 @@ struct State {
     to_dead: Vec<Settling>,
     redis_failures: u32,
     retry_redis_at: Option<Instant>,
+    /// When the idle time of the held entries is next reset (see [`store::touch`]).
+    touch_at: Option<Instant>,
 }
 
 impl Acker {
@@ -63,7 +67,7 @@ impl Acker {
         loop {
             let stopping = stopping_since.is_some();
             let take_more = !stopping && !reader_gone && s.lanes.held() < MAX_HELD;
-            let wake_at = [s.lanes.next_due(), s.retry_redis_at]
+            let wake_at = [s.lanes.next_due(), s.retry_redis_at, s.touch_at]
                 .into_iter()
                 .flatten()
                 .min();
@@ -97,6 +101,9 @@ impl Acker {
             if stopping && stopping_since.is_none() {
                 stopping_since = Some(Instant::now());
             }
+            if s.touch_at.is_none_or(|t| t <= Instant::now()) {
+                self.touch(&mut s);
+            }
             if !stopping {
                 for event in s.lanes.due(Instant::now()) {
                     self.stats.parked.fetch_sub(1, Relaxed);
@@ -119,6 +126,28 @@ impl Acker {
     fn admit(&self, s: &mut State, batch: Vec<Incoming>, work: &Sender<Event>) {
         for item in batch {
             match item {
+                Incoming::Event(event)
+                    if self.max_deliveries > 0 && event.deliveries > self.max_deliveries =>
+                {
+                    if !s.lanes.hold(event.id) {
+                        continue;
+                    }
+                    let detail = format!(
+                        "delivered {} times to consumers, more than PAHEKO_PUSH_MAX_DELIVERIES={}",
+                        event.deliveries, self.max_deliveries
+                    );
+                    log::error!(correlation_id = event.id.to_string().as_str(), deliveries = event.deliveries;
+                        "{detail}: moving it to the dead letters");
+                    let dead = DeadLetter {
+                        id: event.id,
+                        reason: "max_deliveries".into(),
+                        status: None,
+                        attempts: event.attempts,
+                        detail,
+                        fields: event.fields,
+                    };
+                    s.to_dead.push(Settling { dead, key: None });
+                }
                 Incoming::Event(event) => {
                     if let Some(event) = s.lanes.admit(event) {
                         dispatch(s, event, work);
@@ -231,6 +260,22 @@ impl Acker {
             }
         }
         Ok(())
+    }
+}
+
+impl Acker {
+    /// Resets the idle time of every entry held here, a third of the claim idle time
+    /// apart, so no other instance takes over an entry this one is still working on.
+    fn touch(&mut self, s: &mut State) {
+        s.touch_at = Some(Instant::now() + self.claim_idle / 3);
+        let ids: Vec<StreamId> = s.lanes.held_ids().collect();
+        if ids.is_empty() {
+            return;
+        }
+        if let Err(e) = store::touch(&mut self.redis, &self.names, &ids) {
+            log::warn!(error = e.to_string().as_str(), entries = ids.len();
+                "could not refresh the idle time of the entries held here");
+        }
     }
 }
 

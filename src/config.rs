@@ -39,6 +39,12 @@ pub struct Raw {
     pub paheko_push_health_addr: Option<String>,
     pub paheko_push_log: Option<String>,
     pub paheko_push_log_format: Option<String>,
+    pub paheko_push_backlog_warn: Option<String>,
+    pub paheko_push_breaker_threshold: Option<String>,
+    pub paheko_push_max_deliveries: Option<String>,
+    pub paheko_push_auth: Option<String>,
+    pub paheko_plugin_ca_file: Option<String>,
+    pub redis_ca_file: Option<String>,
 }
 
 impl Raw {
@@ -114,6 +120,7 @@ pub enum LogFormat {
 pub struct Plugin {
     pub url: String,
     pub secret: String,
+    pub auth: Auth,
 }
 
 impl fmt::Debug for Plugin {
@@ -121,7 +128,66 @@ impl fmt::Debug for Plugin {
         f.debug_struct("Plugin")
             .field("url", &self.url)
             .field("secret", &"[redacted]")
+            .field("auth", &self.auth)
             .finish()
+    }
+}
+
+/// How a request proves it comes from this worker (`PAHEKO_PUSH_AUTH`); see
+/// [`crate::sign`] and docs/plugin-contract.md.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Auth {
+    /// The secret itself in `X-Paheko-Secret`, as the Python worker sent it.
+    Header,
+    /// Standard Webhooks signature headers, made with `key`; the secret never travels.
+    Signature { key: Vec<u8> },
+    /// Both, while a plugin moves from the header to the signature.
+    Both { key: Vec<u8> },
+}
+
+impl Auth {
+    /// True when `X-Paheko-Secret` is sent.
+    pub fn sends_secret(&self) -> bool {
+        matches!(self, Auth::Header | Auth::Both { .. })
+    }
+
+    /// The HMAC key, when requests are signed.
+    pub fn signing_key(&self) -> Option<&[u8]> {
+        match self {
+            Auth::Header => None,
+            Auth::Signature { key } | Auth::Both { key } => Some(key),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Auth::Header => "header",
+            Auth::Signature { .. } => "signature",
+            Auth::Both { .. } => "both",
+        }
+    }
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A PEM bundle of certificate authorities to trust besides the built-in Mozilla roots
+/// (`PAHEKO_PLUGIN_CA_FILE`, `REDIS_CA_FILE`), read and checked at start-up.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CaFile {
+    pub path: String,
+    /// The file as read, PEM.
+    pub pem: Vec<u8>,
+    /// Its certificates, DER; never empty.
+    pub certs: Vec<Vec<u8>>,
+}
+
+impl fmt::Debug for CaFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?} ({} certificates)", self.path, self.certs.len())
     }
 }
 
@@ -153,6 +219,16 @@ pub struct Config {
     pub health_addr: Option<String>,
     pub log_level: log::LevelFilter,
     pub log_format: LogFormat,
+    /// Backlog (pending + unread) above which /health warns.
+    pub backlog_warn: u64,
+    /// Consecutive transient failures that open the circuit breaker; 0 disables it.
+    pub breaker_threshold: u32,
+    /// Deliveries (reads by a consumer) after which an entry is dead-lettered; 0 = no limit.
+    pub max_deliveries: u64,
+    /// Extra roots for the plugin's certificate (`PAHEKO_PLUGIN_CA_FILE`).
+    pub plugin_ca: Option<CaFile>,
+    /// Extra roots for a `rediss://` server's certificate (`REDIS_CA_FILE`).
+    pub redis_ca: Option<CaFile>,
 }
 
 /// Which variable is missing for the worker to deliver anything.
@@ -240,8 +316,39 @@ impl Config {
                 Some(a)
             }
         };
+        let mut plugin = plugin(
+            raw.paheko_plugin_url,
+            raw.paheko_plugin_secret,
+            raw.paheko_plugin_secret_file,
+            allow_http,
+        )?;
+        let auth = auth(
+            raw.paheko_push_auth,
+            plugin.as_ref().ok().map(|p| p.secret.as_str()),
+        )?;
+        let plugin_ca = ca_file("PAHEKO_PLUGIN_CA_FILE", raw.paheko_plugin_ca_file)?;
+        let redis_ca = ca_file("REDIS_CA_FILE", raw.redis_ca_file)?;
+        if let Ok(p) = &mut plugin {
+            p.auth = auth;
+            if plugin_ca.is_some() && !p.url.to_ascii_lowercase().starts_with("https://") {
+                return Err(err(
+                    "PAHEKO_PLUGIN_CA_FILE",
+                    "only applies to an https:// PAHEKO_PLUGIN_URL",
+                ));
+            }
+        }
+        let redis_url = redis_url(raw.redis_url)?;
+        if redis_ca.is_some() && !redis_url.starts_with("rediss://") {
+            return Err(err(
+                "REDIS_CA_FILE",
+                format!(
+                    "only applies to a rediss:// REDIS_URL, got {:?}",
+                    redact_url(&redis_url)
+                ),
+            ));
+        }
         Ok(Config {
-            redis_url: redis_url(raw.redis_url)?,
+            redis_url,
             dead_letter_stream: text(
                 raw.paheko_push_dead_letter_stream,
                 &format!("{stream}:dead"),
@@ -252,12 +359,7 @@ impl Config {
                 Some(c) if !c.trim().is_empty() => c.trim().to_string(),
                 _ => host_name(),
             },
-            plugin: plugin(
-                raw.paheko_plugin_url,
-                raw.paheko_plugin_secret,
-                raw.paheko_plugin_secret_file,
-                allow_http,
-            )?,
+            plugin,
             retry,
             concurrency: number(
                 "PAHEKO_PUSH_CONCURRENCY",
@@ -281,6 +383,21 @@ impl Config {
                     ));
                 }
             },
+            backlog_warn: number("PAHEKO_PUSH_BACKLOG_WARN", raw.paheko_push_backlog_warn, 8000, 1..=u64::MAX)?,
+            breaker_threshold: number(
+                "PAHEKO_PUSH_BREAKER_THRESHOLD",
+                raw.paheko_push_breaker_threshold,
+                5,
+                0..=1_000_000,
+            )?,
+            max_deliveries: number(
+                "PAHEKO_PUSH_MAX_DELIVERIES",
+                raw.paheko_push_max_deliveries,
+                0,
+                0..=u64::MAX,
+            )?,
+            plugin_ca,
+            redis_ca,
         })
     }
 
@@ -519,8 +636,60 @@ fn plugin(
     Ok(match (url, secret) {
         (None, _) => Err(Missing("PAHEKO_PLUGIN_URL")),
         (_, None) => Err(Missing("PAHEKO_PLUGIN_SECRET")),
-        (Some(url), Some(secret)) => Ok(Plugin { url, secret }),
+        (Some(url), Some(secret)) => Ok(Plugin {
+            url,
+            secret,
+            auth: Auth::Header,
+        }),
     })
+}
+
+/// `PAHEKO_PUSH_AUTH` applied to the secret: for `signature` and `both`, a `whsec_`
+/// secret is base64-decoded into the key. The message never shows the secret.
+fn auth(value: Option<String>, secret: Option<&str>) -> Result<Auth, ConfigError> {
+    let mode = value.as_deref().map(|v| v.trim().to_ascii_lowercase());
+    let key = || match secret {
+        None => Ok(Vec::new()),
+        Some(s) => crate::sign::key_from_secret(s).map_err(|e| {
+            err(
+                "PAHEKO_PLUGIN_SECRET",
+                format!("{e} (PAHEKO_PUSH_AUTH={})", mode.as_deref().unwrap_or("")),
+            )
+        }),
+    };
+    match mode.as_deref() {
+        None | Some("") | Some("header") => Ok(Auth::Header),
+        Some("signature") => Ok(Auth::Signature { key: key()? }),
+        Some("both") => Ok(Auth::Both { key: key()? }),
+        Some(_) => Err(err(
+            "PAHEKO_PUSH_AUTH",
+            format!(
+                "expected header, signature or both, got {:?}",
+                value.unwrap_or_default()
+            ),
+        )),
+    }
+}
+
+/// Reads a PEM bundle of certificate authorities; `None` when the variable is unset.
+fn ca_file(var: &str, value: Option<String>) -> Result<Option<CaFile>, ConfigError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let Some(path) = value.map(|p| p.trim().to_string()).filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
+    let pem = std::fs::read(&path).map_err(|e| err(var, format!("cannot read {path:?}: {e}")))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(var, format!("{path:?} is not a valid PEM file: {e}")))?;
+    if certs.is_empty() {
+        return Err(err(
+            var,
+            format!("{path:?} holds no certificate (expected -----BEGIN CERTIFICATE----- blocks)"),
+        ));
+    }
+    Ok(Some(CaFile { path, pem, certs }))
 }
 
 /// The machine's host name: a consumer name that stays the same across restarts.
@@ -572,6 +741,7 @@ mod tests {
     #[test]
     fn defaults_match_the_python_worker() {
         let c = config(&[]).unwrap();
+        assert_eq!((c.backlog_warn, c.breaker_threshold, c.max_deliveries), (8000, 5, 0));
         assert_eq!(c.redis_url, "redis://127.0.0.1:6379/0");
         assert_eq!(c.stream, "recyclic:push:caisse");
         assert_eq!(c.group, "recyclic-push");
@@ -694,5 +864,90 @@ mod tests {
         assert_eq!(c.secrets(), ["k", "pw"]);
         let shown = format!("{c:?}");
         assert!(!shown.contains("\"k\"") && !shown.contains("pw"), "{shown}");
+    }
+
+    #[test]
+    fn auth_modes_and_whsec_keys() {
+        let plugin = |auth: &str, secret: &str| {
+            config(&[
+                ("PAHEKO_PLUGIN_URL", "https://p/x"),
+                ("PAHEKO_PLUGIN_SECRET", secret),
+                ("PAHEKO_PUSH_AUTH", auth),
+            ])
+            .map(|c| c.plugin.unwrap())
+        };
+        assert_eq!(plugin("", "k").unwrap().auth, Auth::Header);
+        assert_eq!(plugin("header", "whsec_!!").unwrap().auth, Auth::Header);
+        let signed = plugin("signature", "whsec_AQID").unwrap();
+        assert_eq!(signed.auth, Auth::Signature { key: vec![1, 2, 3] });
+        assert!(!signed.auth.sends_secret());
+        assert_eq!(signed.secret, "whsec_AQID");
+        let both = plugin("Both", "plain").unwrap().auth;
+        assert_eq!(both, Auth::Both { key: b"plain".to_vec() });
+        assert!(both.sends_secret() && both.signing_key() == Some(b"plain"));
+        let e = plugin("signature", "whsec_not*base64").unwrap_err();
+        assert_eq!(e.var, "PAHEKO_PLUGIN_SECRET");
+        assert!(e.problem.contains("base64"), "{e}");
+        assert!(!e.to_string().contains("not*base64"), "{e}");
+        let e = plugin("hmac", "k").unwrap_err();
+        assert_eq!(e.var, "PAHEKO_PUSH_AUTH");
+        assert!(e.problem.contains("header, signature or both"), "{e}");
+        // Checked even while the plugin is not configured.
+        assert_eq!(
+            config(&[("PAHEKO_PUSH_AUTH", "x")]).unwrap_err().var,
+            "PAHEKO_PUSH_AUTH"
+        );
+    }
+
+    #[test]
+    fn ca_files_are_read_and_checked() {
+        let dir = std::env::temp_dir().join(format!("paheko-push-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("ca.pem");
+        std::fs::write(
+            &good,
+            "# private CA\n-----BEGIN CERTIFICATE-----\nAQID\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "no certificate here\n").unwrap();
+        let good = good.to_str().unwrap();
+        let c = config(&[
+            ("PAHEKO_PLUGIN_URL", "https://p/x"),
+            ("PAHEKO_PLUGIN_CA_FILE", good),
+            ("REDIS_URL", "rediss://u:pw@h:6380/0"),
+            ("REDIS_CA_FILE", good),
+        ])
+        .unwrap();
+        assert_eq!(c.plugin_ca.as_ref().unwrap().certs, [vec![1, 2, 3]]);
+        assert_eq!(c.redis_ca.unwrap().path, good);
+        assert_eq!(config(&[]).unwrap().plugin_ca, None);
+        for (var, value, extra, says) in [
+            ("PAHEKO_PLUGIN_CA_FILE", "/nonexistent/ca.pem", None, "cannot read"),
+            (
+                "PAHEKO_PLUGIN_CA_FILE",
+                empty.to_str().unwrap(),
+                None,
+                "no certificate",
+            ),
+            ("REDIS_CA_FILE", good, None, "rediss://"),
+            (
+                "PAHEKO_PLUGIN_CA_FILE",
+                good,
+                Some(("PAHEKO_PLUGIN_URL", "http://127.0.0.1/x")),
+                "https://",
+            ),
+        ] {
+            let mut vars = vec![
+                (var, value),
+                ("PAHEKO_PLUGIN_SECRET", "k"),
+                ("PAHEKO_PUSH_ALLOW_HTTP", "true"),
+            ];
+            vars.extend(extra);
+            let e = config(&vars).unwrap_err();
+            assert_eq!(e.var, var, "{var}={value}");
+            assert!(e.problem.contains(says), "{var}={value}: {e}");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

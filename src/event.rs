@@ -11,7 +11,7 @@ use redis::Value;
 use serde_json::value::RawValue;
 
 /// A stream entry ID, `<milliseconds>-<sequence>`; ordered as Redis orders them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StreamId {
     pub ms: u64,
     pub seq: u64,
@@ -61,6 +61,9 @@ pub struct Event {
     pub request_id: String,
     /// HTTP attempts made so far, across parkings.
     pub attempts: u32,
+    /// Times Redis has delivered the entry to a consumer, when known (re-read pending
+    /// entries and taken-over ones); 0 for a first delivery.
+    pub deliveries: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -138,6 +141,7 @@ impl Event {
                 key: None,
                 request_id: id.to_string(),
                 attempts: 0,
+                deliveries: 0,
                 fields,
             });
         };
@@ -159,6 +163,7 @@ impl Event {
             key,
             request_id: request_id.unwrap_or_else(|| id.to_string()),
             attempts: 0,
+            deliveries: 0,
             fields,
         })
     }

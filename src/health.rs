@@ -30,6 +30,12 @@ pub struct Stats {
     pub parked: AtomicU64,
     /// Pending entries that were trimmed from the stream before delivery.
     pub lost_to_trim: AtomicU64,
+    /// Unix seconds since the circuit breaker opened; 0 while Paheko answers.
+    pub paheko_down_since: AtomicU64,
+    /// Entries in the stream the group has not read yet (XINFO GROUPS lag).
+    pub lag: AtomicU64,
+    /// Backlog (pending + lag) above which /health warns; 0 never warns.
+    pub backlog_warn: AtomicU64,
 }
 
 impl Stats {
@@ -48,6 +54,13 @@ impl Stats {
         self.redis_ok.store(ok, Relaxed);
     }
 
+    /// Whether pending plus unread entries passed the warning level: the producer
+    /// trims at 10,000, so past that tickets start to be lost.
+    pub fn backlog_warning(&self) -> bool {
+        let warn = self.backlog_warn.load(Relaxed);
+        warn > 0 && self.pending.load(Relaxed) + self.lag.load(Relaxed) > warn
+    }
+
     /// The /health document and its HTTP status.
     pub fn health(&self) -> (u16, serde_json::Value) {
         let redis_ok = self.redis_ok.load(Relaxed);
@@ -60,9 +73,11 @@ impl Stats {
             "ok"
         };
         let lost = self.lost_to_trim.load(Relaxed);
+        let down_since = self.paheko_down_since.load(Relaxed);
+        let backlog_warning = self.backlog_warning();
         let status = if !redis_ok {
             "error"
-        } else if push_worker != "ok" || lost > 0 {
+        } else if push_worker != "ok" || lost > 0 || down_since != 0 || backlog_warning {
             "degraded"
         } else {
             "ok"
@@ -81,6 +96,10 @@ impl Stats {
             "invalid": self.invalid.load(Relaxed),
             "parked": self.parked.load(Relaxed),
             "lost_to_trim": lost,
+            "paheko": if down_since == 0 { "up" } else { "down" },
+            "paheko_down_since": if down_since == 0 { None } else { Some(down_since) },
+            "lag": self.lag.load(Relaxed),
+            "backlog_warning": backlog_warning,
             "version": env!("CARGO_PKG_VERSION"),
         });
         (if status == "error" { 503 } else { 200 }, doc)
@@ -185,6 +204,19 @@ mod tests {
         assert_eq!(s.health().1["status"], "degraded");
         let s = stats();
         s.lost_to_trim.store(1, Relaxed);
+        assert_eq!(s.health().1["status"], "degraded");
+        let s = stats();
+        s.paheko_down_since.store(1_800_000_000, Relaxed);
+        let (code, doc) = s.health();
+        assert_eq!((code, doc["paheko"].as_str(), doc["paheko_down_since"].as_u64()), (200, Some("down"), Some(1_800_000_000)));
+        assert_eq!(doc["status"], "degraded");
+        let s = stats();
+        s.backlog_warn.store(8000, Relaxed);
+        s.pending.store(100, Relaxed);
+        s.lag.store(7900, Relaxed);
+        assert_eq!(s.health().1["backlog_warning"], false);
+        s.lag.store(7901, Relaxed);
+        assert_eq!(s.health().1["backlog_warning"], true);
         assert_eq!(s.health().1["status"], "degraded");
     }
 }

@@ -11,17 +11,22 @@
 //! stop is one flag plus a closed channel ([`shutdown`]).
 
 pub mod acker;
+pub mod breaker;
+pub mod check;
 pub mod clock;
 pub mod config;
+pub mod dead;
 pub mod error;
 pub mod event;
 pub mod health;
 pub mod logging;
+pub mod notify;
 pub mod order;
 pub mod pusher;
 pub mod reader;
 pub mod retry;
 pub mod shutdown;
+pub mod sign;
 pub mod store;
 
 use std::sync::Arc;
@@ -39,6 +44,8 @@ use store::{Names, Redis};
 pub fn main_with(args: &[String]) -> Result<(), Error> {
     match args.first().map(String::as_str) {
         None | Some("run") => {}
+        Some("dead") => return dead::main(&args[1..], load_config),
+        Some("check") => return check::main(&args[1..], load_config),
         Some("-V" | "--version") => {
             println!("paheko-push {}", env!("CARGO_PKG_VERSION"));
             return Ok(());
@@ -49,16 +56,7 @@ pub fn main_with(args: &[String]) -> Result<(), Error> {
         }
         Some(other) => return Err(Error::Usage(format!("unknown command {other:?}\n{USAGE}"))),
     }
-    let cwd = std::env::current_dir()
-        .map_err(|e| Error::Startup(format!("no working directory: {e}")))?;
-    let config = Config::from_raw(Raw::from_env(&cwd)?)?;
-    // Checked before anything touches Redis, so a bad URL is a configuration error.
-    Redis::open(&config.redis_url, reader::READ_TIMEOUT).map_err(|e| {
-        Error::Config(config::ConfigError {
-            var: "REDIS_URL".into(),
-            problem: format!("{} ({e})", config::redact_url(&config.redis_url)),
-        })
-    })?;
+    let config = load_config()?;
     logging::init(
         config.log_level,
         config.log_format,
@@ -68,7 +66,25 @@ pub fn main_with(args: &[String]) -> Result<(), Error> {
     run(config)
 }
 
+/// The validated configuration, from the environment and ./.env; the same for every
+/// command.
+fn load_config() -> Result<Config, Error> {
+    let cwd = std::env::current_dir()
+        .map_err(|e| Error::Startup(format!("no working directory: {e}")))?;
+    let config = Config::from_raw(Raw::from_env(&cwd)?)?;
+    // Checked before anything touches Redis, so a bad URL is a configuration error.
+    Redis::open_with_ca(&config.redis_url, config.redis_ca.as_ref(), reader::READ_TIMEOUT).map_err(|e| {
+        Error::Config(config::ConfigError {
+            var: "REDIS_URL".into(),
+            problem: format!("{} ({e})", config::redact_url(&config.redis_url)),
+        })
+    })?;
+    Ok(config)
+}
+
 const USAGE: &str = "usage: paheko-push [run]
+       paheko-push check
+       paheko-push dead list [--json] | show ID... | replay ID...|--all | drop ID...
 Delivers RecyClique's cash events from Redis to the Paheko plugin.
 Configuration comes from the environment and ./.env; see README.md.";
 
@@ -76,9 +92,11 @@ Configuration comes from the environment and ./.env; see README.md.";
 pub fn run(config: Config) -> Result<(), Error> {
     let stats = Arc::new(Stats::default());
     stats.configured.store(config.plugin.is_ok(), Relaxed);
+    stats.backlog_warn.store(config.backlog_warn, Relaxed);
     let shutdown = Shutdown::new();
     shutdown::on_signals(shutdown.clone())
         .map_err(|e| Error::Startup(format!("signal handlers: {e}")))?;
+    notify::stopping_on(&shutdown).map_err(|e| Error::Startup(format!("notify thread: {e}")))?;
     let health = match &config.health_addr {
         Some(addr) => Some(
             health::serve(addr, Arc::clone(&stats))
@@ -93,7 +111,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         dead_letters: config.dead_letter_stream.clone(),
     };
     let open = || {
-        Redis::open(&config.redis_url, reader::READ_TIMEOUT)
+        Redis::open_with_ca(&config.redis_url, config.redis_ca.as_ref(), reader::READ_TIMEOUT)
             .map_err(|e| Error::Startup(e.to_string()))
     };
     log::info!(
@@ -112,13 +130,15 @@ pub fn run(config: Config) -> Result<(), Error> {
             let (batches_tx, batches_rx) = crossbeam_channel::bounded(4);
             let (work_tx, work_rx) = crossbeam_channel::unbounded();
             let (done_tx, done_rx) = crossbeam_channel::unbounded();
-            let agent = pusher::Pusher::agent(config.timeout, !config.allow_http);
+            let agent =
+                pusher::Pusher::agent(config.timeout, !config.allow_http, config.plugin_ca.as_ref());
             let pusher = Arc::new(pusher::Pusher::new(
                 agent,
                 plugin.clone(),
                 config.retry,
                 Arc::clone(&stats),
                 shutdown.clone(),
+                config.breaker_threshold,
             ));
             let mut threads = Vec::new();
             for n in 0..config.concurrency {
@@ -132,6 +152,7 @@ pub fn run(config: Config) -> Result<(), Error> {
                 redis: open()?,
                 names: names.clone(),
                 claim_idle: config.claim_idle,
+                max_deliveries: config.max_deliveries,
                 stats: Arc::clone(&stats),
                 shutdown: shutdown.clone(),
             };
@@ -142,6 +163,7 @@ pub fn run(config: Config) -> Result<(), Error> {
                 redis: open()?,
                 names,
                 order_keys: config.order_keys.clone(),
+                claim_idle: config.claim_idle,
                 stats: Arc::clone(&stats),
                 shutdown: shutdown.clone(),
             };

@@ -97,6 +97,10 @@ impl Lanes {
         self.parked.iter().map(|(t, _)| *t).min()
     }
 
+    pub fn held_ids(&self) -> impl Iterator<Item = StreamId> + '_ {
+        self.held.iter().copied()
+    }
+
     pub fn held(&self) -> usize {
         self.held.len()
     }

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::config::{Plugin, RetryConfig};
+use crate::config::{CaFile, Plugin, RetryConfig};
+use crate::breaker::Breaker;
 use crate::event::Event;
 use crate::health::Stats;
 use crate::retry::{Verdict, classify};
@@ -47,6 +48,7 @@ pub struct Pusher {
     retry: RetryConfig,
     stats: Arc<Stats>,
     shutdown: Shutdown,
+    breaker: Breaker,
 }
 
 /// One HTTP attempt's result, before the retry policy is applied.
@@ -60,27 +62,34 @@ enum Answer {
 }
 
 impl Pusher {
+    /// `breaker_threshold`: consecutive transient failures that open the shared circuit
+    /// breaker (see [`crate::breaker`]); 0 never opens it.
     pub fn new(
         agent: ureq::Agent,
         plugin: Plugin,
         retry: RetryConfig,
         stats: Arc<Stats>,
         shutdown: Shutdown,
+        breaker_threshold: u32,
     ) -> Pusher {
-        Pusher {
-            agent,
-            plugin,
-            retry,
-            stats,
-            shutdown,
-        }
+        let breaker = Breaker::new(breaker_threshold, retry, Arc::clone(&stats));
+        Pusher { agent, plugin, retry, stats, shutdown, breaker }
     }
 
     /// The agent every pusher shares: one connection pool, a global timeout per request
     /// (connect included), statuses returned rather than turned into errors, and no
-    /// redirects (a POST must not wander off with the secret).
-    pub fn agent(timeout: Duration, https_only: bool) -> ureq::Agent {
+    /// redirects (a POST must not wander off with the secret). Certificates are checked
+    /// against [`trusted_roots`].
+    pub fn agent(timeout: Duration, https_only: bool, ca: Option<&CaFile>) -> ureq::Agent {
+        let roots = trusted_roots(ca)
+            .into_iter()
+            .map(|der| ureq::tls::Certificate::from_der(&der).to_owned());
         ureq::Agent::config_builder()
+            .tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::from(roots))
+                    .build(),
+            )
             .timeout_global(Some(timeout))
             .http_status_as_error(false)
             .max_redirects(0)
@@ -108,6 +117,14 @@ impl Pusher {
     /// Attempts delivery up to the configured number of times.
     pub fn deliver(&self, event: &mut Event) -> Outcome {
         for attempt in 1..=self.retry.max_attempts {
+            // While Paheko is down this waits for the breaker's probe slot.
+            let Some(permit) = self.breaker.acquire(&self.shutdown) else {
+                return Outcome::Abandoned;
+            };
+            if self.shutdown.is_stopping() {
+                self.breaker.release(permit);
+                return Outcome::Abandoned;
+            }
             event.attempts += 1;
             let started = Instant::now();
             let answer = self.post(event);
@@ -126,6 +143,7 @@ impl Pusher {
             };
             match verdict {
                 Verdict::Delivered => {
+                    self.breaker.record_answer(permit);
                     self.stats.record_success();
                     log::info!(
                         correlation_id = id.as_str(), request_id = event.request_id.as_str(),
@@ -136,6 +154,7 @@ impl Pusher {
                     return Outcome::Delivered;
                 }
                 Verdict::Refused => {
+                    self.breaker.record_answer(permit);
                     self.stats.record_failure();
                     let detail = match answer {
                         Answer::Status { body, .. } => body,
@@ -150,6 +169,7 @@ impl Pusher {
                     return Outcome::Refused { status, detail };
                 }
                 Verdict::Transient { retry_after } => {
+                    self.breaker.record_failure(permit);
                     self.stats.record_failure();
                     let error = match &answer {
                         Answer::Status { status, .. } => format!("http status {status}"),
@@ -164,7 +184,11 @@ impl Pusher {
                         );
                         return Outcome::Parked;
                     }
-                    let delay = self.retry.delay_for(attempt, retry_after);
+                    // Jitter spreads our own backoff; a plugin's Retry-After is kept as asked.
+                    let delay = match retry_after {
+                        Some(_) => self.retry.delay_for(attempt, retry_after),
+                        None => crate::breaker::jitter(self.retry.delay_after(attempt)),
+                    };
                     log::warn!(
                         correlation_id = id.as_str(), request_id = event.request_id.as_str(),
                         event = event.kind.as_str(), attempt = event.attempts, status = status,
@@ -189,9 +213,21 @@ impl Pusher {
             .agent
             .post(&self.plugin.url)
             .header("Content-Type", "application/json")
-            .header("X-Paheko-Secret", &self.plugin.secret)
             .header("Idempotency-Key", &id)
             .header("X-Request-Id", &event.request_id);
+        if self.plugin.auth.sends_secret() {
+            request = request.header("X-Paheko-Secret", &self.plugin.secret);
+        }
+        if let Some(key) = self.plugin.auth.signing_key() {
+            let timestamp = crate::clock::unix_now();
+            request = request
+                .header("webhook-id", &id)
+                .header("webhook-timestamp", timestamp.to_string())
+                .header(
+                    "webhook-signature",
+                    crate::sign::signature(key, &id, timestamp, event.body()),
+                );
+        }
         if !event.kind.is_empty() {
             request = request.header("X-Paheko-Event", &event.kind);
         }
@@ -238,7 +274,67 @@ fn describe(e: &ureq::Error) -> String {
         ureq::Error::HostNotFound => {
             "host not found: the plugin's host name does not resolve".into()
         }
-        ureq::Error::Io(io) => format!("network error: {io}"),
+        ureq::Error::Rustls(tls) => describe_tls(tls),
+        ureq::Error::Io(io) => match io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+            Some(tls) => describe_tls(tls),
+            None => format!("network error: {io}"),
+        },
         other => format!("request failed: {other}"),
     }
+}
+
+/// A TLS failure in words an operator can act on, with rustls's own words after it.
+pub fn describe_tls(e: &rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    let what = match e {
+        rustls::Error::InvalidCertificate(C::UnknownIssuer) => {
+            "the plugin's certificate is not signed by a trusted authority; if the plugin \
+             uses a private CA, set PAHEKO_PLUGIN_CA_FILE to that CA's PEM file"
+        }
+        rustls::Error::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+            "the plugin's certificate is not valid for the host name of PAHEKO_PLUGIN_URL"
+        }
+        rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "the plugin's certificate has expired"
+        }
+        rustls::Error::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
+            "the plugin's certificate is not valid yet (is this machine's clock right?)"
+        }
+        rustls::Error::InvalidCertificate(_) => "the plugin's certificate was refused",
+        _ => "the TLS handshake with the plugin failed",
+    };
+    format!("tls: {what} ({e})")
+}
+
+/// The certificate authorities trusted for HTTPS (the plugin) and `rediss://` (Redis):
+/// Mozilla's, as the webpki-root-certs crate ships them, plus those of `ca`, if any.
+pub fn trusted_roots(ca: Option<&CaFile>) -> Vec<Vec<u8>> {
+    let mut roots: Vec<Vec<u8>> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
+        .iter()
+        .map(|c| c.to_vec())
+        .collect();
+    if let Some(ca) = ca {
+        roots.extend(ca.certs.iter().cloned());
+    }
+    roots
+}
+
+/// `pem` followed by Mozilla's roots in PEM, for the redis crate, whose root
+/// certificates replace the built-in ones rather than add to them.
+pub fn with_mozilla_roots_pem(pem: &[u8]) -> Vec<u8> {
+    use base64::Engine as _;
+    let mut out = pem.to_vec();
+    if !out.ends_with(b"\n") {
+        out.push(b'\n');
+    }
+    for der in trusted_roots(None) {
+        out.extend_from_slice(b"-----BEGIN CERTIFICATE-----\n");
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&der);
+        for line in b64.as_bytes().chunks(64) {
+            out.extend_from_slice(line);
+            out.push(b'\n');
+        }
+        out.extend_from_slice(b"-----END CERTIFICATE-----\n");
+    }
+    out
 }

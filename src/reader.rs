@@ -4,13 +4,15 @@
 //! batches; it refreshes the pending count for /health as it goes. A Redis error never
 //! stops it: it reconnects with backoff, recreating the group if Redis lost it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{SendTimeoutError, Sender};
+use redis::RedisError;
 
-use crate::event::{Event, Incoming, StreamId};
+use crate::event::{Entry, Event, Incoming, StreamId};
 use crate::health::Stats;
 use crate::shutdown::Shutdown;
 use crate::store::{self, Cursor, Names, Redis};
@@ -21,13 +23,21 @@ pub const BLOCK: Duration = Duration::from_secs(2);
 pub const READ_TIMEOUT: Duration = Duration::from_secs(7);
 /// Entries per read.
 pub const COUNT: usize = 128;
+/// How often entries left idle by other consumers are looked for.
+const RECLAIM_EVERY: Duration = Duration::from_secs(5);
+/// XAUTOCLAIM calls of COUNT entries per look, at most.
+const RECLAIM_ROUNDS: usize = 8;
 /// How often the pending count shown on /health is refreshed.
 const STATS_EVERY: Duration = Duration::from_secs(1);
+/// How often a reader held back by a full acker wakes to ping systemd's watchdog.
+const WATCHDOG_TICK: Duration = Duration::from_secs(1);
 
 pub struct Reader {
     pub redis: Redis,
     pub names: Names,
     pub order_keys: Vec<String>,
+    /// Entries of other consumers idle longer than this are taken over.
+    pub claim_idle: Duration,
     pub stats: Arc<Stats>,
     pub shutdown: Shutdown,
 }
@@ -39,59 +49,38 @@ impl Reader {
         let mut group_ready = false;
         let mut failures = 0u32;
         let mut stats_at: Option<Instant> = None;
+        let mut reclaim_at = Instant::now() + RECLAIM_EVERY;
         while !self.shutdown.is_stopping() {
+            crate::notify::watchdog();
             if stats_at.is_none_or(|t| t.elapsed() >= STATS_EVERY) {
-                if let Ok(n) = store::pending_count(&mut self.redis, &self.names) {
-                    self.stats.pending.store(n, Relaxed);
-                }
+                self.refresh_stats();
                 stats_at = Some(Instant::now());
             }
-            let result = if group_ready {
-                store::read(&mut self.redis, &self.names, cursor, COUNT, BLOCK).map(Some)
-            } else {
+            let result = if !group_ready {
                 store::ensure_group(&mut self.redis, &self.names).map(|created| {
                     if created {
                         log::info!(stream = self.names.stream.as_str(), group = self.names.group.as_str();
                             "consumer group created");
                     }
                     group_ready = true;
-                    None
+                    crate::notify::ready();
+                    Vec::new()
                 })
+            } else if cursor == Cursor::New && Instant::now() >= reclaim_at {
+                reclaim_at = Instant::now() + RECLAIM_EVERY;
+                self.reclaim()
+            } else {
+                self.read(&mut cursor)
             };
             match result {
-                Ok(read) => {
+                Ok(batch) => {
                     if failures > 0 {
                         log::info!("redis reachable again");
                     }
                     failures = 0;
                     self.stats.set_redis_ok(true);
-                    let Some(entries) = read else {
-                        continue;
-                    };
-                    cursor = match (cursor, entries.last()) {
-                        (Cursor::Pending(_), Some(last)) => Cursor::Pending(last.id),
-                        (Cursor::Pending(_), None) => Cursor::New,
-                        (Cursor::New, _) => Cursor::New,
-                    };
-                    if entries.is_empty() {
-                        continue;
-                    }
-                    let batch: Vec<Incoming> = entries
-                        .into_iter()
-                        .map(|entry| match entry.fields {
-                            None => Incoming::Vanished(entry.id),
-                            Some(fields) => {
-                                match Event::parse(entry.id, fields, &self.order_keys) {
-                                    Ok(event) => Incoming::Event(event),
-                                    Err(rejected) => Incoming::Rejected(rejected),
-                                }
-                            }
-                        })
-                        .collect();
-                    crossbeam_channel::select! {
-                        send(out, batch) -> sent => if sent.is_err() { return },
-                        // What was read stays pending for the next start.
-                        recv(self.shutdown.signal()) -> _ => return,
+                    if !batch.is_empty() && !self.send(&out, batch) {
+                        return;
                     }
                 }
                 Err(e) if store::is_no_group(&e) => {
@@ -115,14 +104,119 @@ impl Reader {
             }
         }
     }
+
+    /// One XREADGROUP: this consumer's pending entries after the cursor, or new ones.
+    fn read(&mut self, cursor: &mut Cursor) -> Result<Vec<Incoming>, RedisError> {
+        let entries = store::read(&mut self.redis, &self.names, *cursor, COUNT, BLOCK)?;
+        let Cursor::Pending(_) = *cursor else {
+            return Ok(self.incoming(entries, &HashMap::new()));
+        };
+        *cursor = match entries.last() {
+            Some(last) => Cursor::Pending(last.id),
+            None => Cursor::New,
+        };
+        let counts = match (entries.first(), entries.last()) {
+            (Some(first), Some(last)) => store::delivery_counts(&mut self.redis, &self.names, first.id, last.id, entries.len())?,
+            _ => HashMap::new(),
+        };
+        if !entries.is_empty() {
+            log::info!(entries = entries.len(); "taking back this consumer's pending entries");
+        }
+        Ok(self.incoming(entries, &counts))
+    }
+
+    /// Takes over entries idle longer than the claim idle time from any consumer of the
+    /// group: those of a dead instance. (This worker's own entries never go idle that
+    /// long while it runs: the acker keeps them fresh.)
+    fn reclaim(&mut self) -> Result<Vec<Incoming>, RedisError> {
+        let mut batch = Vec::new();
+        let mut start = StreamId { ms: 0, seq: 0 };
+        for _ in 0..RECLAIM_ROUNDS {
+            let claimed = store::autoclaim(&mut self.redis, &self.names, self.claim_idle, start, COUNT)?;
+            for id in claimed.vanished {
+                batch.push(Incoming::Vanished(id));
+            }
+            if !claimed.entries.is_empty() {
+                let first = claimed.entries[0].id;
+                let last = claimed.entries[claimed.entries.len() - 1].id;
+                let counts = store::delivery_counts(&mut self.redis, &self.names, first, last, COUNT)?;
+                log::warn!(entries = claimed.entries.len(), first = first.to_string().as_str(),
+                    claim_idle_s = self.claim_idle.as_secs();
+                    "taking over entries another consumer left pending (a stopped or dead instance?)");
+                batch.extend(self.incoming(claimed.entries, &counts));
+            }
+            start = claimed.next;
+            if start == (StreamId { ms: 0, seq: 0 }) {
+                break;
+            }
+        }
+        Ok(batch)
+    }
+
+    fn incoming(&self, entries: Vec<Entry>, deliveries: &HashMap<StreamId, u64>) -> Vec<Incoming> {
+        entries
+            .into_iter()
+            .map(|entry| match entry.fields {
+                None => Incoming::Vanished(entry.id),
+                Some(fields) => match Event::parse(entry.id, fields, &self.order_keys) {
+                    Ok(mut event) => {
+                        event.deliveries = deliveries.get(&event.id).copied().unwrap_or(0);
+                        Incoming::Event(event)
+                    }
+                    Err(rejected) => Incoming::Rejected(rejected),
+                },
+            })
+            .collect()
+    }
+
+    /// Hands a batch to the acker, waiting while it is full. False when the worker
+    /// stops meanwhile (what was read stays pending for the next start).
+    fn send(&self, out: &Sender<Vec<Incoming>>, mut batch: Vec<Incoming>) -> bool {
+        loop {
+            match out.send_timeout(batch, WATCHDOG_TICK) {
+                Ok(()) => return true,
+                Err(SendTimeoutError::Disconnected(_)) => return false,
+                Err(SendTimeoutError::Timeout(back)) => {
+                    if self.shutdown.is_stopping() {
+                        return false;
+                    }
+                    // Held back while the acker is full (Paheko down): still alive.
+                    crate::notify::watchdog();
+                    batch = back;
+                }
+            }
+        }
+    }
+
+    /// The pending count and lag shown on /health; a warning when the backlog nears
+    /// the producer's MAXLEN, where tickets start to be trimmed unseen.
+    fn refresh_stats(&mut self) {
+        let was_warning = self.stats.backlog_warning();
+        if let Ok(n) = store::pending_count(&mut self.redis, &self.names) {
+            self.stats.pending.store(n, Relaxed);
+        }
+        if let Ok(lag) = store::lag(&mut self.redis, &self.names) {
+            self.stats.lag.store(lag.unwrap_or(0), Relaxed);
+        }
+        let warning = self.stats.backlog_warning();
+        let (pending, lag) = (self.stats.pending.load(Relaxed), self.stats.lag.load(Relaxed));
+        if warning && !was_warning {
+            log::warn!(pending = pending, lag = lag, warn_at = self.stats.backlog_warn.load(Relaxed);
+                "backlog is large: the producer trims its stream at 10000 entries, undelivered tickets will be lost past that");
+        } else if was_warning && !warning {
+            log::info!(pending = pending, lag = lag; "backlog back under the warning level");
+        }
+    }
 }
 
 /// While the plugin is not configured: consume nothing, but keep /health's view of
 /// Redis and of the pending count current.
 pub fn watch(mut redis: Redis, names: &Names, stats: &Stats, shutdown: &Shutdown) {
     loop {
+        crate::notify::watchdog();
         match store::pending_count(&mut redis, names) {
             Ok(n) => {
+                crate::notify::ready();
                 stats.set_redis_ok(true);
                 stats.pending.store(n, Relaxed);
             }

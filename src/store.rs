@@ -3,6 +3,7 @@
 //! pending count. The reader and the acker each own a [`Redis`] of their own, so a
 //! blocked read never delays an acknowledgement.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use redis::{Connection, ErrorKind, RedisError, Value};
@@ -34,8 +35,28 @@ pub struct Redis {
 impl Redis {
     /// Parses the URL; connects only when first used.
     pub fn open(url: &str, read_timeout: Duration) -> Result<Redis, RedisError> {
+        Redis::open_with_ca(url, None, read_timeout)
+    }
+
+    /// Like [`Redis::open`], trusting the authorities of `ca` (`REDIS_CA_FILE`) besides
+    /// the built-in Mozilla roots for a `rediss://` URL.
+    pub fn open_with_ca(
+        url: &str,
+        ca: Option<&crate::config::CaFile>,
+        read_timeout: Duration,
+    ) -> Result<Redis, RedisError> {
+        let client = match ca {
+            None => redis::Client::open(url)?,
+            Some(ca) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(crate::pusher::with_mozilla_roots_pem(&ca.pem)),
+                },
+            )?,
+        };
         Ok(Redis {
-            client: redis::Client::open(url)?,
+            client,
             conn: None,
             read_timeout,
         })
@@ -229,6 +250,125 @@ pub fn pending_count(redis: &mut Redis, names: &Names) -> Result<u64, RedisError
         Err(e) if is_no_group(&e) => Ok(0),
         Err(e) => Err(e),
     }
+}
+
+/// What one XAUTOCLAIM round took over.
+#[derive(Debug, Default)]
+pub struct Claimed {
+    pub entries: Vec<Entry>,
+    /// Pending entries that no longer exist in the stream (trimmed or deleted before
+    /// delivery); Redis 7 drops them from the pending list and reports them here.
+    pub vanished: Vec<StreamId>,
+    /// Where the next round starts; `0-0` when the pending list was scanned to its end.
+    pub next: StreamId,
+}
+
+/// XAUTOCLAIM: takes over up to `count` entries of any consumer of the group that have
+/// been idle for `min_idle`, starting at `start`.
+pub fn autoclaim(
+    redis: &mut Redis,
+    names: &Names,
+    min_idle: Duration,
+    start: StreamId,
+    count: usize,
+) -> Result<Claimed, RedisError> {
+    let mut cmd = redis::cmd("XAUTOCLAIM");
+    cmd.arg(&names.stream)
+        .arg(&names.group)
+        .arg(&names.consumer)
+        .arg(min_idle.as_millis() as u64)
+        .arg(start.to_string())
+        .arg("COUNT")
+        .arg(count);
+    let reply: Value = redis.query(&cmd)?;
+    let Value::Array(mut parts) = reply else {
+        return Err(unexpected(format!("XAUTOCLAIM answered {reply:?}")));
+    };
+    let vanished = if parts.len() == 3 { parts.pop() } else { None };
+    let entries = parts.pop().unwrap_or(Value::Nil);
+    let next = match parts.pop() {
+        Some(Value::BulkString(b)) => String::from_utf8_lossy(&b).parse().map_err(unexpected)?,
+        other => return Err(unexpected(format!("XAUTOCLAIM cursor {other:?}"))),
+    };
+    let entries = crate::event::entries_from(entries).map_err(unexpected)?;
+    let vanished = match vanished {
+        Some(Value::Array(ids)) => ids
+            .into_iter()
+            .filter_map(|v| match v {
+                Value::BulkString(b) => String::from_utf8_lossy(&b).parse().ok(),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    Ok(Claimed { entries, vanished, next })
+}
+
+/// How many times each pending entry from `from` to `to` has been delivered, as
+/// XPENDING's extended form reports it.
+pub fn delivery_counts(
+    redis: &mut Redis,
+    names: &Names,
+    from: StreamId,
+    to: StreamId,
+    count: usize,
+) -> Result<HashMap<StreamId, u64>, RedisError> {
+    let mut cmd = redis::cmd("XPENDING");
+    cmd.arg(&names.stream)
+        .arg(&names.group)
+        .arg(from.to_string())
+        .arg(to.to_string())
+        .arg(count);
+    let rows: Vec<(String, String, u64, u64)> = redis.query(&cmd)?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(id, _, _, deliveries)| Some((id.parse().ok()?, deliveries)))
+        .collect())
+}
+
+/// Resets the idle time of entries this worker holds (XCLAIM … JUSTID, which leaves
+/// their delivery count alone), so another instance never takes over an entry that
+/// is in flight or parked here.
+pub fn touch(redis: &mut Redis, names: &Names, ids: &[StreamId]) -> Result<(), RedisError> {
+    for chunk in ids.chunks(512) {
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(&names.stream).arg(&names.group).arg(&names.consumer).arg(0);
+        for id in chunk {
+            cmd.arg(id.to_string());
+        }
+        cmd.arg("JUSTID");
+        redis.query::<Value>(&cmd)?;
+    }
+    Ok(())
+}
+
+/// The group's lag: entries in the stream not yet read by the group (XINFO GROUPS).
+/// `None` when Redis cannot tell (after a deletion or trimming in the read range).
+pub fn lag(redis: &mut Redis, names: &Names) -> Result<Option<u64>, RedisError> {
+    let groups: Value = redis.query(redis::cmd("XINFO").arg("GROUPS").arg(&names.stream))?;
+    let Value::Array(groups) = groups else {
+        return Ok(None);
+    };
+    for group in groups {
+        let fields: Vec<Value> = match group {
+            Value::Array(f) => f,
+            Value::Map(m) => m.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+            _ => continue,
+        };
+        let mut name = None;
+        let mut lag = None;
+        for pair in fields.chunks(2) {
+            match pair {
+                [Value::BulkString(k), Value::BulkString(n)] if k == b"name" => name = Some(n.clone()),
+                [Value::BulkString(k), Value::Int(n)] if k == b"lag" => lag = Some(*n as u64),
+                _ => {}
+            }
+        }
+        if name.as_deref() == Some(names.group.as_bytes()) {
+            return Ok(lag);
+        }
+    }
+    Ok(None)
 }
 
 /// Waits before reconnection attempt `n` (0-based): 100 ms doubling to 5 s.

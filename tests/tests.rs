@@ -5,3 +5,8 @@
 mod util;
 
 mod harness;
+mod delivery;
+mod lifecycle;
+mod configuration;
+mod observability;
+mod dead_letters;
