@@ -125,6 +125,10 @@ impl Acker {
 
     fn admit(&self, s: &mut State, batch: Vec<Incoming>, work: &Sender<Event>) {
         for item in batch {
+            if s.lanes.finished(item.id()) {
+                s.to_ack.push(item.id());
+                continue;
+            }
             match item {
                 Incoming::Event(event)
                     if self.max_deliveries > 0 && event.deliveries > self.max_deliveries =>

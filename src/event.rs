@@ -94,6 +94,16 @@ pub enum Incoming {
     Vanished(StreamId),
 }
 
+impl Incoming {
+    pub fn id(&self) -> StreamId {
+        match self {
+            Incoming::Event(e) => e.id,
+            Incoming::Rejected(r) => r.id,
+            Incoming::Vanished(id) => *id,
+        }
+    }
+}
+
 impl Event {
     pub fn body(&self) -> &[u8] {
         match &self.body {

@@ -173,6 +173,8 @@ pub fn run(config: Config) -> Result<(), Error> {
             }
         }
     }
+    // Already sent when the stop began, unless the process got here first.
+    notify::stopping();
     if let Some(health) = health {
         health.stop();
     }

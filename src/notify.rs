@@ -44,10 +44,10 @@ pub fn watchdog() {
     }
 }
 
-/// `STOPPING=1`.
+/// `STOPPING=1`, sent once however often it is called; no watchdog ping follows it.
 pub fn stopping() {
     if let Some(n) = notifier() {
-        n.send("STOPPING=1");
+        n.stopping();
     }
 }
 
@@ -76,6 +76,7 @@ pub struct Notifier {
     ping_every: Option<Duration>,
     last_ping: Mutex<Option<Instant>>,
     ready_sent: AtomicBool,
+    stopping_sent: AtomicBool,
     failure_logged: AtomicBool,
 }
 
@@ -107,6 +108,7 @@ impl Notifier {
             ping_every: watchdog.map(|w| w / 2),
             last_ping: Mutex::new(None),
             ready_sent: AtomicBool::new(false),
+            stopping_sent: AtomicBool::new(false),
             failure_logged: AtomicBool::new(false),
         })
     }
@@ -117,11 +119,21 @@ impl Notifier {
         }
     }
 
-    /// Pings if the watchdog is on and the last ping is at least half an interval old.
+    pub fn stopping(&self) {
+        if !self.stopping_sent.swap(true, Ordering::SeqCst) {
+            self.send("STOPPING=1");
+        }
+    }
+
+    /// Pings if the watchdog is on, the stop has not begun, and the last ping is at least
+    /// half an interval old.
     pub fn watchdog(&self, now: Instant) {
         let Some(every) = self.ping_every else {
             return;
         };
+        if self.stopping_sent.load(Ordering::SeqCst) {
+            return;
+        }
         let mut last = self.last_ping.lock().unwrap_or_else(|e| e.into_inner());
         if last.is_none_or(|t| now.saturating_duration_since(t) >= every) {
             *last = Some(now);
@@ -218,7 +230,9 @@ mod tests {
         n.watchdog(t0 + Duration::from_secs(5));
         n.watchdog(t0 + Duration::from_secs(6));
         n.watchdog(t0 + Duration::from_secs(10));
-        n.send("STOPPING=1");
+        n.stopping();
+        n.stopping();
+        n.watchdog(t0 + Duration::from_secs(20));
         assert_eq!(
             messages(&socket),
             [

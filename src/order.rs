@@ -53,6 +53,12 @@ impl Lanes {
         !self.recent_set.contains(&id) && self.held.insert(id)
     }
 
+    /// Whether the entry was settled a moment ago: a copy read again (the group was
+    /// recreated, the pending list re-read) only needs acknowledging again.
+    pub fn finished(&self, id: StreamId) -> bool {
+        self.recent_set.contains(&id)
+    }
+
     /// The head of `key`'s lane is done (delivered or dead-lettered): returns the next
     /// event of the lane, which may go out now.
     pub fn release(&mut self, key: Option<&str>) -> Option<Event> {

@@ -10,3 +10,10 @@ mod lifecycle;
 mod configuration;
 mod observability;
 mod dead_letters;
+mod resilience;
+mod signing;
+mod systemd;
+mod tls;
+#[path = "util/tls_sink.rs"]
+mod tls_sink;
+mod chaos;

@@ -57,17 +57,55 @@ impl TestPki {
         )
         .expect("writing server.ext");
         pki.openssl(&[
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj",
-            "/CN=paheko-push test CA", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=paheko-push test CA",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
         ]);
         pki.openssl(&[
-            "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost",
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
         ]);
         pki.openssl(&[
-            "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-set_serial", "2", "-out", "server.pem", "-days", "2", "-extfile", "server.ext",
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-set_serial",
+            "2",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
         ]);
         pki
     }
@@ -298,9 +336,11 @@ impl Shared {
     }
 }
 
-/// The request line and headers (names lowercased), or `None` at the end of the
-/// connection.
-fn read_head(stream: &mut impl BufRead) -> Option<(String, String, Vec<(String, String)>)> {
+/// A request's method, target and headers (names lowercased).
+type Head = (String, String, Vec<(String, String)>);
+
+/// The request line and headers, or `None` at the end of the connection.
+fn read_head(stream: &mut impl BufRead) -> Option<Head> {
     let mut line = String::new();
     if stream.read_line(&mut line).ok()? == 0 {
         return None;
