@@ -36,6 +36,11 @@ pub struct Stats {
     pub lag: AtomicU64,
     /// Backlog (pending + lag) above which /health warns; 0 never warns.
     pub backlog_warn: AtomicU64,
+    /// Age of the oldest unacknowledged entry, from its ID's time stamp.
+    pub oldest_pending_age_seconds: AtomicU64,
+    /// Length of the dead-letter stream.
+    pub dead_letters: AtomicU64,
+    pub request_duration: crate::metrics::Histogram,
 }
 
 impl Stats {
@@ -100,6 +105,8 @@ impl Stats {
             "paheko_down_since": if down_since == 0 { None } else { Some(down_since) },
             "lag": self.lag.load(Relaxed),
             "backlog_warning": backlog_warning,
+            "oldest_pending_age_seconds": self.oldest_pending_age_seconds.load(Relaxed),
+            "dead_letters": self.dead_letters.load(Relaxed),
             "version": env!("CARGO_PKG_VERSION"),
         });
         (if status == "error" { 503 } else { 200 }, doc)
@@ -119,7 +126,7 @@ impl Server {
     }
 }
 
-/// Binds `addr` and serves /health from `stats` on a thread of its own.
+/// Binds `addr` and serves /health and /metrics from `stats` on a thread of its own.
 pub fn serve(addr: &str, stats: Arc<Stats>) -> std::io::Result<Server> {
     let server = tiny_http::Server::http(addr)
         .map_err(|e| std::io::Error::other(format!("cannot listen on {addr}: {e}")))?;
@@ -131,14 +138,17 @@ pub fn serve(addr: &str, stats: Arc<Stats>) -> std::io::Result<Server> {
         .name("health".into())
         .spawn(move || {
             for request in serving.incoming_requests() {
-                let (status, body) = match (request.method(), request.url()) {
+                let (status, body, content_type) = match (request.method(), request.url()) {
                     (tiny_http::Method::Get, "/health") => {
                         let (status, doc) = stats.health();
-                        (status, doc.to_string())
+                        (status, doc.to_string(), "application/json")
                     }
-                    _ => (404, json!({"error": "not found"}).to_string()),
+                    (tiny_http::Method::Get, "/metrics") => {
+                        (200, crate::metrics::render(&stats), "text/plain; version=0.0.4")
+                    }
+                    _ => (404, json!({"error": "not found"}).to_string(), "application/json"),
                 };
-                let header = tiny_http::Header::from_bytes("Content-Type", "application/json")
+                let header = tiny_http::Header::from_bytes("Content-Type", content_type)
                     .expect("a static header is valid");
                 let response = tiny_http::Response::from_string(body)
                     .with_status_code(status)

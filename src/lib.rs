@@ -20,6 +20,7 @@ pub mod error;
 pub mod event;
 pub mod health;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod order;
 pub mod pusher;

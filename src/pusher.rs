@@ -128,6 +128,7 @@ impl Pusher {
             event.attempts += 1;
             let started = Instant::now();
             let answer = self.post(event);
+            self.stats.request_duration.observe(started.elapsed());
             let duration_ms = started.elapsed().as_millis() as u64;
             let id = event.id.to_string();
             let (verdict, status) = match &answer {

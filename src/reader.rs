@@ -171,7 +171,7 @@ impl Reader {
 
     /// Hands a batch to the acker, waiting while it is full. False when the worker
     /// stops meanwhile (what was read stays pending for the next start).
-    fn send(&self, out: &Sender<Vec<Incoming>>, mut batch: Vec<Incoming>) -> bool {
+    fn send(&mut self, out: &Sender<Vec<Incoming>>, mut batch: Vec<Incoming>) -> bool {
         loop {
             match out.send_timeout(batch, WATCHDOG_TICK) {
                 Ok(()) => return true,
@@ -180,8 +180,10 @@ impl Reader {
                     if self.shutdown.is_stopping() {
                         return false;
                     }
-                    // Held back while the acker is full (Paheko down): still alive.
+                    // Held back while the acker is full (Paheko down): still alive, and
+                    // /health must go on showing the queue grow.
                     crate::notify::watchdog();
+                    self.refresh_stats();
                     batch = back;
                 }
             }
@@ -192,8 +194,16 @@ impl Reader {
     /// the producer's MAXLEN, where tickets start to be trimmed unseen.
     fn refresh_stats(&mut self) {
         let was_warning = self.stats.backlog_warning();
-        if let Ok(n) = store::pending_count(&mut self.redis, &self.names) {
+        if let Ok((n, oldest)) = store::pending_summary(&mut self.redis, &self.names) {
             self.stats.pending.store(n, Relaxed);
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let age = oldest.map_or(0, |id| now_ms.saturating_sub(id.ms) / 1000);
+            self.stats.oldest_pending_age_seconds.store(age, Relaxed);
+        }
+        if let Ok(n) = store::length(&mut self.redis, &self.names.dead_letters) {
+            self.stats.dead_letters.store(n, Relaxed);
         }
         if let Ok(lag) = store::lag(&mut self.redis, &self.names) {
             self.stats.lag.store(lag.unwrap_or(0), Relaxed);

@@ -239,17 +239,34 @@ pub fn dead_letter(redis: &mut Redis, names: &Names, dead: &DeadLetter) -> Resul
 
 /// Entries the group has read and not acknowledged; 0 when the group does not exist.
 pub fn pending_count(redis: &mut Redis, names: &Names) -> Result<u64, RedisError> {
+    pending_summary(redis, names).map(|(count, _)| count)
+}
+
+/// The XPENDING summary: how many entries are pending and the oldest one's ID.
+pub fn pending_summary(redis: &mut Redis, names: &Names) -> Result<(u64, Option<StreamId>), RedisError> {
     let mut cmd = redis::cmd("XPENDING");
     cmd.arg(&names.stream).arg(&names.group);
     match redis.query::<Value>(&cmd) {
-        Ok(Value::Array(summary)) => match summary.first() {
-            Some(Value::Int(n)) => Ok(*n as u64),
-            _ => Ok(0),
-        },
-        Ok(_) => Ok(0),
-        Err(e) if is_no_group(&e) => Ok(0),
+        Ok(Value::Array(summary)) => {
+            let count = match summary.first() {
+                Some(Value::Int(n)) => *n as u64,
+                _ => 0,
+            };
+            let oldest = match summary.get(1) {
+                Some(Value::BulkString(id)) => String::from_utf8_lossy(id).parse().ok(),
+                _ => None,
+            };
+            Ok((count, oldest))
+        }
+        Ok(_) => Ok((0, None)),
+        Err(e) if is_no_group(&e) => Ok((0, None)),
         Err(e) => Err(e),
     }
+}
+
+/// XLEN; 0 for a stream that does not exist.
+pub fn length(redis: &mut Redis, stream: &str) -> Result<u64, RedisError> {
+    redis.query(redis::cmd("XLEN").arg(stream))
 }
 
 /// What one XAUTOCLAIM round took over.

@@ -17,3 +17,4 @@ mod tls;
 #[path = "util/tls_sink.rs"]
 mod tls_sink;
 mod chaos;
+mod metrics;
