@@ -52,13 +52,18 @@ impl Breaker {
             threshold,
             retry,
             stats,
-            state: Mutex::new(State { failures: 0, open: None }),
+            state: Mutex::new(State {
+                failures: 0,
+                open: None,
+            }),
             changed: Condvar::new(),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Waits until a request may go out. `None` when the worker is stopping.
@@ -105,21 +110,28 @@ impl Breaker {
         let now = Instant::now();
         let failures = state.failures;
         match &mut state.open {
-            Some(open) => {
-                if permit == Permit::Probe {
-                    open.probing = false;
-                    open.probes += 1;
-                    let wait = jitter(self.retry.delay_after(open.probes + 1));
-                    open.next_probe = now + wait;
-                    log::warn!(probes = open.probes, next_probe_in_ms = wait.as_millis() as u64,
+            Some(open) if permit == Permit::Probe => {
+                open.probing = false;
+                open.probes += 1;
+                let wait = jitter(self.retry.delay_after(open.probes + 1));
+                open.next_probe = now + wait;
+                log::warn!(probes = open.probes, next_probe_in_ms = wait.as_millis() as u64,
                         down_for_s = open.since.elapsed().as_secs();
                         "paheko still down: probe failed");
-                }
             }
+            // A request that was already under way when the breaker opened.
+            Some(_) => {}
             None if self.threshold > 0 && failures >= self.threshold => {
                 let wait = jitter(self.retry.delay_after(1));
-                state.open = Some(Open { since: now, probes: 0, next_probe: now + wait, probing: false });
-                self.stats.paheko_down_since.store(crate::clock::unix_now(), Relaxed);
+                state.open = Some(Open {
+                    since: now,
+                    probes: 0,
+                    next_probe: now + wait,
+                    probing: false,
+                });
+                self.stats
+                    .paheko_down_since
+                    .store(crate::clock::unix_now(), Relaxed);
                 log::error!(consecutive_failures = failures, next_probe_in_ms = wait.as_millis() as u64;
                     "paheko looks down: circuit open, sending one probe per backoff interval until it answers");
             }
@@ -179,7 +191,11 @@ mod tests {
         // The probe comes after the first backoff interval, and only one at a time.
         let started = Instant::now();
         assert_eq!(b.acquire(&stop), Some(Permit::Probe));
-        assert!(started.elapsed() >= Duration::from_millis(15), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() >= Duration::from_millis(15),
+            "{:?}",
+            started.elapsed()
+        );
         b.record_failure(Permit::Probe);
         assert_eq!(b.acquire(&stop), Some(Permit::Probe));
         b.record_answer(Permit::Probe);

@@ -383,7 +383,12 @@ impl Config {
                     ));
                 }
             },
-            backlog_warn: number("PAHEKO_PUSH_BACKLOG_WARN", raw.paheko_push_backlog_warn, 8000, 1..=u64::MAX)?,
+            backlog_warn: number(
+                "PAHEKO_PUSH_BACKLOG_WARN",
+                raw.paheko_push_backlog_warn,
+                8000,
+                1..=u64::MAX,
+            )?,
             breaker_threshold: number(
                 "PAHEKO_PUSH_BREAKER_THRESHOLD",
                 raw.paheko_push_breaker_threshold,
@@ -675,7 +680,10 @@ fn auth(value: Option<String>, secret: Option<&str>) -> Result<Auth, ConfigError
 fn ca_file(var: &str, value: Option<String>) -> Result<Option<CaFile>, ConfigError> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
-    let Some(path) = value.map(|p| p.trim().to_string()).filter(|p| !p.is_empty()) else {
+    let Some(path) = value
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+    else {
         return Ok(None);
     };
     let pem = std::fs::read(&path).map_err(|e| err(var, format!("cannot read {path:?}: {e}")))?;
@@ -741,7 +749,10 @@ mod tests {
     #[test]
     fn defaults_match_the_python_worker() {
         let c = config(&[]).unwrap();
-        assert_eq!((c.backlog_warn, c.breaker_threshold, c.max_deliveries), (8000, 5, 0));
+        assert_eq!(
+            (c.backlog_warn, c.breaker_threshold, c.max_deliveries),
+            (8000, 5, 0)
+        );
         assert_eq!(c.redis_url, "redis://127.0.0.1:6379/0");
         assert_eq!(c.stream, "recyclic:push:caisse");
         assert_eq!(c.group, "recyclic-push");
@@ -883,7 +894,12 @@ mod tests {
         assert!(!signed.auth.sends_secret());
         assert_eq!(signed.secret, "whsec_AQID");
         let both = plugin("Both", "plain").unwrap().auth;
-        assert_eq!(both, Auth::Both { key: b"plain".to_vec() });
+        assert_eq!(
+            both,
+            Auth::Both {
+                key: b"plain".to_vec()
+            }
+        );
         assert!(both.sends_secret() && both.signing_key() == Some(b"plain"));
         let e = plugin("signature", "whsec_not*base64").unwrap_err();
         assert_eq!(e.var, "PAHEKO_PLUGIN_SECRET");
@@ -923,7 +939,12 @@ mod tests {
         assert_eq!(c.redis_ca.unwrap().path, good);
         assert_eq!(config(&[]).unwrap().plugin_ca, None);
         for (var, value, extra, says) in [
-            ("PAHEKO_PLUGIN_CA_FILE", "/nonexistent/ca.pem", None, "cannot read"),
+            (
+                "PAHEKO_PLUGIN_CA_FILE",
+                "/nonexistent/ca.pem",
+                None,
+                "cannot read",
+            ),
             (
                 "PAHEKO_PLUGIN_CA_FILE",
                 empty.to_str().unwrap(),

@@ -143,10 +143,16 @@ pub fn serve(addr: &str, stats: Arc<Stats>) -> std::io::Result<Server> {
                         let (status, doc) = stats.health();
                         (status, doc.to_string(), "application/json")
                     }
-                    (tiny_http::Method::Get, "/metrics") => {
-                        (200, crate::metrics::render(&stats), "text/plain; version=0.0.4")
-                    }
-                    _ => (404, json!({"error": "not found"}).to_string(), "application/json"),
+                    (tiny_http::Method::Get, "/metrics") => (
+                        200,
+                        crate::metrics::render(&stats),
+                        "text/plain; version=0.0.4",
+                    ),
+                    _ => (
+                        404,
+                        json!({"error": "not found"}).to_string(),
+                        "application/json",
+                    ),
                 };
                 let header = tiny_http::Header::from_bytes("Content-Type", content_type)
                     .expect("a static header is valid");
@@ -218,7 +224,14 @@ mod tests {
         let s = stats();
         s.paheko_down_since.store(1_800_000_000, Relaxed);
         let (code, doc) = s.health();
-        assert_eq!((code, doc["paheko"].as_str(), doc["paheko_down_since"].as_u64()), (200, Some("down"), Some(1_800_000_000)));
+        assert_eq!(
+            (
+                code,
+                doc["paheko"].as_str(),
+                doc["paheko_down_since"].as_u64()
+            ),
+            (200, Some("down"), Some(1_800_000_000))
+        );
         assert_eq!(doc["status"], "degraded");
         let s = stats();
         s.backlog_warn.store(8000, Relaxed);

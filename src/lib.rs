@@ -74,7 +74,12 @@ fn load_config() -> Result<Config, Error> {
         .map_err(|e| Error::Startup(format!("no working directory: {e}")))?;
     let config = Config::from_raw(Raw::from_env(&cwd)?)?;
     // Checked before anything touches Redis, so a bad URL is a configuration error.
-    Redis::open_with_ca(&config.redis_url, config.redis_ca.as_ref(), reader::READ_TIMEOUT).map_err(|e| {
+    Redis::open_with_ca(
+        &config.redis_url,
+        config.redis_ca.as_ref(),
+        reader::READ_TIMEOUT,
+    )
+    .map_err(|e| {
         Error::Config(config::ConfigError {
             var: "REDIS_URL".into(),
             problem: format!("{} ({e})", config::redact_url(&config.redis_url)),
@@ -112,8 +117,12 @@ pub fn run(config: Config) -> Result<(), Error> {
         dead_letters: config.dead_letter_stream.clone(),
     };
     let open = || {
-        Redis::open_with_ca(&config.redis_url, config.redis_ca.as_ref(), reader::READ_TIMEOUT)
-            .map_err(|e| Error::Startup(e.to_string()))
+        Redis::open_with_ca(
+            &config.redis_url,
+            config.redis_ca.as_ref(),
+            reader::READ_TIMEOUT,
+        )
+        .map_err(|e| Error::Startup(e.to_string()))
     };
     log::info!(
         version = env!("CARGO_PKG_VERSION"), stream = names.stream.as_str(), group = names.group.as_str(),
@@ -131,8 +140,11 @@ pub fn run(config: Config) -> Result<(), Error> {
             let (batches_tx, batches_rx) = crossbeam_channel::bounded(4);
             let (work_tx, work_rx) = crossbeam_channel::unbounded();
             let (done_tx, done_rx) = crossbeam_channel::unbounded();
-            let agent =
-                pusher::Pusher::agent(config.timeout, !config.allow_http, config.plugin_ca.as_ref());
+            let agent = pusher::Pusher::agent(
+                config.timeout,
+                !config.allow_http,
+                config.plugin_ca.as_ref(),
+            );
             let pusher = Arc::new(pusher::Pusher::new(
                 agent,
                 plugin.clone(),

@@ -9,7 +9,9 @@ use std::time::Duration;
 use crate::health::Stats;
 
 /// Upper bounds of the request-duration buckets, in seconds.
-const BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 /// A cumulative histogram of HTTP request durations, lock-free.
 #[derive(Debug, Default)]
@@ -22,7 +24,10 @@ pub struct Histogram {
 impl Histogram {
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
-        let at = BUCKETS.iter().position(|b| secs <= *b).unwrap_or(BUCKETS.len());
+        let at = BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS.len());
         self.counts[at].fetch_add(1, Relaxed);
         self.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
     }
@@ -32,7 +37,12 @@ impl Histogram {
 pub fn render(stats: &Stats) -> String {
     let mut out = String::with_capacity(4096);
     let get = |a: &AtomicU64| a.load(Relaxed);
-    family(&mut out, "events_total", "counter", "Events by what became of them.");
+    family(
+        &mut out,
+        "events_total",
+        "counter",
+        "Events by what became of them.",
+    );
     for (outcome, value) in [
         ("acked", get(&stats.delivered)),
         ("retried", get(&stats.retried)),
@@ -40,32 +50,65 @@ pub fn render(stats: &Stats) -> String {
         ("invalid", get(&stats.invalid)),
         ("lost_to_trim", get(&stats.lost_to_trim)),
     ] {
-        let _ = writeln!(out, "paheko_push_events_total{{outcome=\"{outcome}\"}} {value}");
+        let _ = writeln!(
+            out,
+            "paheko_push_events_total{{outcome=\"{outcome}\"}} {value}"
+        );
     }
 
-    family(&mut out, "request_duration_seconds", "histogram", "Duration of the HTTP requests to the plugin.");
+    family(
+        &mut out,
+        "request_duration_seconds",
+        "histogram",
+        "Duration of the HTTP requests to the plugin.",
+    );
     let mut cumulative = 0;
     for (i, bound) in BUCKETS.iter().enumerate() {
         cumulative += get(&stats.request_duration.counts[i]);
-        let _ = writeln!(out, "paheko_push_request_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}");
+        let _ = writeln!(
+            out,
+            "paheko_push_request_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
+        );
     }
     cumulative += get(&stats.request_duration.counts[BUCKETS.len()]);
-    let _ = writeln!(out, "paheko_push_request_duration_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(
+        out,
+        "paheko_push_request_duration_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
+    );
     let sum = get(&stats.request_duration.sum_micros) as f64 / 1e6;
     let _ = writeln!(out, "paheko_push_request_duration_seconds_sum {sum}");
-    let _ = writeln!(out, "paheko_push_request_duration_seconds_count {cumulative}");
+    let _ = writeln!(
+        out,
+        "paheko_push_request_duration_seconds_count {cumulative}"
+    );
 
     let down_since = get(&stats.paheko_down_since);
     for (name, help, value) in [
-        ("pending", "Entries read by the group and not acknowledged.", get(&stats.pending)),
-        ("backlog", "Entries in the stream the group has not read yet (XINFO GROUPS lag).", get(&stats.lag)),
+        (
+            "pending",
+            "Entries read by the group and not acknowledged.",
+            get(&stats.pending),
+        ),
+        (
+            "backlog",
+            "Entries in the stream the group has not read yet (XINFO GROUPS lag).",
+            get(&stats.lag),
+        ),
         (
             "oldest_pending_age_seconds",
             "Age of the oldest unacknowledged entry.",
             get(&stats.oldest_pending_age_seconds),
         ),
-        ("parked", "Events waiting to be tried again after their retries ran out.", get(&stats.parked)),
-        ("dead_letters", "Entries in the dead-letter stream.", get(&stats.dead_letters)),
+        (
+            "parked",
+            "Events waiting to be tried again after their retries ran out.",
+            get(&stats.parked),
+        ),
+        (
+            "dead_letters",
+            "Entries in the dead-letter stream.",
+            get(&stats.dead_letters),
+        ),
         (
             "consecutive_failures",
             "Failed requests since the last delivery.",
@@ -76,15 +119,31 @@ pub fn render(stats: &Stats) -> String {
             "Unix time of the last delivery, 0 for none.",
             get(&stats.last_success_at),
         ),
-        ("paheko_up", "1 while the plugin answers, 0 while the circuit breaker is open.", u64::from(down_since == 0)),
-        ("breaker_open", "1 while the circuit breaker is open.", u64::from(down_since != 0)),
-        ("redis_up", "1 while Redis answers.", u64::from(stats.redis_ok.load(Relaxed))),
+        (
+            "paheko_up",
+            "1 while the plugin answers, 0 while the circuit breaker is open.",
+            u64::from(down_since == 0),
+        ),
+        (
+            "breaker_open",
+            "1 while the circuit breaker is open.",
+            u64::from(down_since != 0),
+        ),
+        (
+            "redis_up",
+            "1 while Redis answers.",
+            u64::from(stats.redis_ok.load(Relaxed)),
+        ),
     ] {
         family(&mut out, name, "gauge", help);
         let _ = writeln!(out, "paheko_push_{name} {value}");
     }
     family(&mut out, "build_info", "gauge", "The running version.");
-    let _ = writeln!(out, "paheko_push_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+    let _ = writeln!(
+        out,
+        "paheko_push_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
     out
 }
 
@@ -104,22 +163,38 @@ mod tests {
         stats.request_duration.observe(Duration::from_millis(40));
         stats.request_duration.observe(Duration::from_secs(60));
         let text = render(&stats);
-        assert!(text.contains("paheko_push_request_duration_seconds_bucket{le=\"0.005\"} 1\n"), "{text}");
+        assert!(
+            text.contains("paheko_push_request_duration_seconds_bucket{le=\"0.005\"} 1\n"),
+            "{text}"
+        );
         assert!(text.contains("paheko_push_request_duration_seconds_bucket{le=\"0.05\"} 2\n"));
         assert!(text.contains("paheko_push_request_duration_seconds_bucket{le=\"30\"} 2\n"));
         assert!(text.contains("paheko_push_request_duration_seconds_bucket{le=\"+Inf\"} 3\n"));
         assert!(text.contains("paheko_push_request_duration_seconds_count 3\n"));
-        assert!(text.contains("paheko_push_request_duration_seconds_sum 60.043\n"), "{text}");
+        assert!(
+            text.contains("paheko_push_request_duration_seconds_sum 60.043\n"),
+            "{text}"
+        );
     }
 
     #[test]
     fn every_sample_line_belongs_to_a_declared_family() {
         let text = render(&Stats::default());
-        let declared: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).map(|l| l.split(' ').next().unwrap()).collect();
+        let declared: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| l.split(' ').next().unwrap())
+            .collect();
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap();
-            let family = name.trim_end_matches("_bucket").trim_end_matches("_sum").trim_end_matches("_count");
-            assert!(declared.contains(&family) || declared.contains(&name), "{line}");
+            let family = name
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count");
+            assert!(
+                declared.contains(&family) || declared.contains(&name),
+                "{line}"
+            );
             assert!(line.starts_with("paheko_push_"), "{line}");
         }
     }

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::config::{CaFile, Plugin, RetryConfig};
 use crate::breaker::Breaker;
+use crate::config::{CaFile, Plugin, RetryConfig};
 use crate::event::Event;
 use crate::health::Stats;
 use crate::retry::{Verdict, classify};
@@ -73,7 +73,14 @@ impl Pusher {
         breaker_threshold: u32,
     ) -> Pusher {
         let breaker = Breaker::new(breaker_threshold, retry, Arc::clone(&stats));
-        Pusher { agent, plugin, retry, stats, shutdown, breaker }
+        Pusher {
+            agent,
+            plugin,
+            retry,
+            stats,
+            shutdown,
+            breaker,
+        }
     }
 
     /// The agent every pusher shares: one connection pool, a global timeout per request
@@ -248,7 +255,8 @@ impl Pusher {
                     .read_to_vec()
                     .unwrap_or_default();
                 // A plugin may echo the request back: the secret must not be kept.
-                let mut body = String::from_utf8_lossy(&body).replace(&self.plugin.secret, "[redacted]");
+                let mut body =
+                    String::from_utf8_lossy(&body).replace(&self.plugin.secret, "[redacted]");
                 let mut end = body.len().min(DETAIL_LIMIT as usize);
                 while !body.is_char_boundary(end) {
                     end -= 1;
@@ -292,9 +300,9 @@ pub fn describe_tls(e: &rustls::Error) -> String {
             "the plugin's certificate is not signed by a trusted authority; if the plugin \
              uses a private CA, set PAHEKO_PLUGIN_CA_FILE to that CA's PEM file"
         }
-        rustls::Error::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
-            "the plugin's certificate is not valid for the host name of PAHEKO_PLUGIN_URL"
-        }
+        rustls::Error::InvalidCertificate(
+            C::NotValidForName | C::NotValidForNameContext { .. },
+        ) => "the plugin's certificate is not valid for the host name of PAHEKO_PLUGIN_URL",
         rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
             "the plugin's certificate has expired"
         }

@@ -116,7 +116,13 @@ impl Reader {
             None => Cursor::New,
         };
         let counts = match (entries.first(), entries.last()) {
-            (Some(first), Some(last)) => store::delivery_counts(&mut self.redis, &self.names, first.id, last.id, entries.len())?,
+            (Some(first), Some(last)) => store::delivery_counts(
+                &mut self.redis,
+                &self.names,
+                first.id,
+                last.id,
+                entries.len(),
+            )?,
             _ => HashMap::new(),
         };
         if !entries.is_empty() {
@@ -132,14 +138,16 @@ impl Reader {
         let mut batch = Vec::new();
         let mut start = StreamId { ms: 0, seq: 0 };
         for _ in 0..RECLAIM_ROUNDS {
-            let claimed = store::autoclaim(&mut self.redis, &self.names, self.claim_idle, start, COUNT)?;
+            let claimed =
+                store::autoclaim(&mut self.redis, &self.names, self.claim_idle, start, COUNT)?;
             for id in claimed.vanished {
                 batch.push(Incoming::Vanished(id));
             }
             if !claimed.entries.is_empty() {
                 let first = claimed.entries[0].id;
                 let last = claimed.entries[claimed.entries.len() - 1].id;
-                let counts = store::delivery_counts(&mut self.redis, &self.names, first, last, COUNT)?;
+                let counts =
+                    store::delivery_counts(&mut self.redis, &self.names, first, last, COUNT)?;
                 log::warn!(entries = claimed.entries.len(), first = first.to_string().as_str(),
                     claim_idle_s = self.claim_idle.as_secs();
                     "taking over entries another consumer left pending (a stopped or dead instance?)");
@@ -209,7 +217,10 @@ impl Reader {
             self.stats.lag.store(lag.unwrap_or(0), Relaxed);
         }
         let warning = self.stats.backlog_warning();
-        let (pending, lag) = (self.stats.pending.load(Relaxed), self.stats.lag.load(Relaxed));
+        let (pending, lag) = (
+            self.stats.pending.load(Relaxed),
+            self.stats.lag.load(Relaxed),
+        );
         if warning && !was_warning {
             log::warn!(pending = pending, lag = lag, warn_at = self.stats.backlog_warn.load(Relaxed);
                 "backlog is large: the producer trims its stream at 10000 entries, undelivered tickets will be lost past that");

@@ -243,7 +243,10 @@ pub fn pending_count(redis: &mut Redis, names: &Names) -> Result<u64, RedisError
 }
 
 /// The XPENDING summary: how many entries are pending and the oldest one's ID.
-pub fn pending_summary(redis: &mut Redis, names: &Names) -> Result<(u64, Option<StreamId>), RedisError> {
+pub fn pending_summary(
+    redis: &mut Redis,
+    names: &Names,
+) -> Result<(u64, Option<StreamId>), RedisError> {
     let mut cmd = redis::cmd("XPENDING");
     cmd.arg(&names.stream).arg(&names.group);
     match redis.query::<Value>(&cmd) {
@@ -318,7 +321,11 @@ pub fn autoclaim(
             .collect(),
         _ => Vec::new(),
     };
-    Ok(Claimed { entries, vanished, next })
+    Ok(Claimed {
+        entries,
+        vanished,
+        next,
+    })
 }
 
 /// How many times each pending entry from `from` to `to` has been delivered, as
@@ -349,7 +356,10 @@ pub fn delivery_counts(
 pub fn touch(redis: &mut Redis, names: &Names, ids: &[StreamId]) -> Result<(), RedisError> {
     for chunk in ids.chunks(512) {
         let mut cmd = redis::cmd("XCLAIM");
-        cmd.arg(&names.stream).arg(&names.group).arg(&names.consumer).arg(0);
+        cmd.arg(&names.stream)
+            .arg(&names.group)
+            .arg(&names.consumer)
+            .arg(0);
         for id in chunk {
             cmd.arg(id.to_string());
         }
@@ -376,7 +386,9 @@ pub fn lag(redis: &mut Redis, names: &Names) -> Result<Option<u64>, RedisError> 
         let mut lag = None;
         for pair in fields.chunks(2) {
             match pair {
-                [Value::BulkString(k), Value::BulkString(n)] if k == b"name" => name = Some(n.clone()),
+                [Value::BulkString(k), Value::BulkString(n)] if k == b"name" => {
+                    name = Some(n.clone())
+                }
                 [Value::BulkString(k), Value::Int(n)] if k == b"lag" => lag = Some(*n as u64),
                 _ => {}
             }

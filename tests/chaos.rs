@@ -17,9 +17,11 @@ use super::util::*;
 /// of the event and the attempt, so every event gets through after a few tries.
 fn mood(r: &Received) -> u64 {
     let key = r.idempotency_key().unwrap_or_default();
-    let h = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64 ^ r.attempt as u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    });
+    let h = key
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64 ^ r.attempt as u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        });
     h % 100
 }
 
@@ -32,7 +34,10 @@ struct Lcg(u64);
 
 impl Lcg {
     fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
         (self.0 >> 33) % n
     }
 }
@@ -91,7 +96,9 @@ fn chaos(events: usize, sessions: usize, kills: usize) {
                         n += 1;
                         // Spread over the kills: about half a second of tickets each.
                         if n % 10 == 0 {
-                            thread::sleep(Duration::from_micros(10 * 500_000 * kills as u64 / events as u64));
+                            thread::sleep(Duration::from_micros(
+                                10 * 500_000 * kills as u64 / events as u64,
+                            ));
                         }
                     }
                     Err(_) => conn = None,
@@ -115,11 +122,15 @@ fn chaos(events: usize, sessions: usize, kills: usize) {
     }
     let last = Worker::spawn(&env);
     let mut conn = redis.conn();
-    wait_until("everything published and acknowledged", Duration::from_secs(600), || {
-        done.load(Ordering::SeqCst)
-            && pending_count(&mut conn, STREAM, GROUP) == 0
-            && last.health().1["lag"] == 0
-    });
+    wait_until(
+        "everything published and acknowledged",
+        Duration::from_secs(600),
+        || {
+            done.load(Ordering::SeqCst)
+                && pending_count(&mut conn, STREAM, GROUP) == 0
+                && last.health().1["lag"] == 0
+        },
+    );
     producer.join().unwrap();
 
     let published = published.lock().unwrap().clone();
@@ -132,14 +143,27 @@ fn chaos(events: usize, sessions: usize, kills: usize) {
         if first_accepted.insert(id, 0).is_none() {
             let sale = sale_of(r);
             let (session, n) = sale.split_once('/').unwrap();
-            session_order.entry(session.to_owned()).or_default().push(n.parse().unwrap());
+            session_order
+                .entry(session.to_owned())
+                .or_default()
+                .push(n.parse().unwrap());
         }
     }
-    let lost: Vec<&(String, String, usize)> =
-        published.iter().filter(|(id, _, _)| !first_accepted.contains_key(id)).collect();
-    assert!(lost.is_empty(), "{} tickets lost, first: {:?}", lost.len(), lost.first());
+    let lost: Vec<&(String, String, usize)> = published
+        .iter()
+        .filter(|(id, _, _)| !first_accepted.contains_key(id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} tickets lost, first: {:?}",
+        lost.len(),
+        lost.first()
+    );
     for (session, order) in &session_order {
-        assert!(order.windows(2).all(|w| w[0] < w[1]), "{session} reached the plugin out of order: {order:?}");
+        assert!(
+            order.windows(2).all(|w| w[0] < w[1]),
+            "{session} reached the plugin out of order: {order:?}"
+        );
     }
     let accepted_total = received.iter().filter(|r| accepted(r)).count();
     let ids: HashSet<&str> = published.iter().map(|(id, _, _)| id.as_str()).collect();
@@ -151,7 +175,11 @@ fn chaos(events: usize, sessions: usize, kills: usize) {
         accepted_total - ids.len(),
         started.elapsed().as_secs_f64()
     );
-    assert_eq!(xlen(&mut conn, DEAD), 0, "transient failures are never dead-lettered");
+    assert_eq!(
+        xlen(&mut conn, DEAD),
+        0,
+        "transient failures are never dead-lettered"
+    );
 }
 
 #[test]

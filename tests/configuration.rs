@@ -14,14 +14,34 @@ fn a_bad_value_stops_the_program_before_redis_with_one_line_naming_it() {
     let sink = Sink::ok();
     let mut conn = redis.conn();
     for (var, value, says) in [
-        ("PAHEKO_PUSH_MAX_RETRIES", "abc", "expected a whole number from 1 to 1000, got \"abc\""),
-        ("PAHEKO_PUSH_BACKOFF_FACTOR", "-2", "expected a number above 0"),
-        ("PAHEKO_PUSH_BACKOFF_FACTOR", "0", "expected a number above 0"),
-        ("PAHEKO_PLUGIN_URL", "ftp://paheko.example/push", "expected an https:// URL"),
+        (
+            "PAHEKO_PUSH_MAX_RETRIES",
+            "abc",
+            "expected a whole number from 1 to 1000, got \"abc\"",
+        ),
+        (
+            "PAHEKO_PUSH_BACKOFF_FACTOR",
+            "-2",
+            "expected a number above 0",
+        ),
+        (
+            "PAHEKO_PUSH_BACKOFF_FACTOR",
+            "0",
+            "expected a number above 0",
+        ),
+        (
+            "PAHEKO_PLUGIN_URL",
+            "ftp://paheko.example/push",
+            "expected an https:// URL",
+        ),
         ("PAHEKO_PLUGIN_URL", "not a url", "expected an https:// URL"),
         ("PAHEKO_PUSH_CONCURRENCY", "many", "whole number"),
         ("PAHEKO_PUSH_TIMEOUT_SECONDS", "-1", "seconds"),
-        ("PAHEKO_PUSH_LOG", "verbose", "expected error, warn, info, debug or trace"),
+        (
+            "PAHEKO_PUSH_LOG",
+            "verbose",
+            "expected error, warn, info, debug or trace",
+        ),
         ("REDIS_URL", "http://127.0.0.1:6379", "expected a redis://"),
     ] {
         let env = env_with(base_env(&redis, &sink), [(var, value)]);
@@ -29,14 +49,22 @@ fn a_bad_value_stops_the_program_before_redis_with_one_line_naming_it() {
         assert_eq!(done.code(), Some(2), "{var}={value}: {done:?}");
         let lines: Vec<&str> = done.stderr.lines().collect();
         assert_eq!(lines.len(), 1, "{var}={value}: {done:?}");
-        assert!(lines[0].starts_with(&format!("paheko-push: configuration: {var}: ")), "{}", lines[0]);
+        assert!(
+            lines[0].starts_with(&format!("paheko-push: configuration: {var}: ")),
+            "{}",
+            lines[0]
+        );
         assert!(lines[0].contains(says), "{var}={value}: {}", lines[0]);
     }
     // http:// without the allow flag: refused, naming the way out.
     let env = env_without(base_env(&redis, &sink), &["PAHEKO_PUSH_ALLOW_HTTP"]);
     let done = Worker::run_to_end(&[], env);
     assert_eq!(done.code(), Some(2));
-    assert!(done.stderr.contains("PAHEKO_PLUGIN_URL") && done.stderr.contains("PAHEKO_PUSH_ALLOW_HTTP=true"), "{done:?}");
+    assert!(
+        done.stderr.contains("PAHEKO_PLUGIN_URL")
+            && done.stderr.contains("PAHEKO_PUSH_ALLOW_HTTP=true"),
+        "{done:?}"
+    );
     let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
     assert!(keys.is_empty(), "Redis was touched: {keys:?}");
 }
@@ -60,13 +88,19 @@ fn without_a_plugin_url_the_worker_stays_up_unconfigured_and_consumes_nothing() 
     assert_eq!(code, 200);
     assert_eq!(health["push_worker"], "unconfigured");
     assert_eq!(health["status"], "degraded");
-    let groups: Result<Vec<redis::Value>, _> = redis::cmd("XINFO").arg("GROUPS").arg(STREAM).query(&mut conn);
+    let groups: Result<Vec<redis::Value>, _> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(STREAM)
+        .query(&mut conn);
     assert_eq!(groups.unwrap().len(), 0, "no group created, nothing read");
     assert_eq!(sink.count(), 0);
     worker.sigterm();
     assert_eq!(worker.wait_exit(T).code(), Some(0));
 
-    let worker = Worker::spawn(env_without(base_env(&redis, &sink), &["PAHEKO_PLUGIN_SECRET"]));
+    let worker = Worker::spawn(env_without(
+        base_env(&redis, &sink),
+        &["PAHEKO_PLUGIN_SECRET"],
+    ));
     worker.wait_for_msg(
         "PAHEKO_PLUGIN_SECRET is not set: nothing is delivered until it is set; events stay queued in Redis",
         T,
@@ -93,10 +127,20 @@ fn dotenv_is_read_from_the_working_directory_and_the_environment_wins() {
     publish_ticket(&mut conn, "cs-1", "sale-1");
     let received = sink.wait_for_count(1, T);
     assert_eq!(received[0].header("x-paheko-secret"), Some("from-dotenv"));
-    let consumers: Vec<Vec<redis::Value>> =
-        redis::cmd("XINFO").arg("CONSUMERS").arg(STREAM).arg(GROUP).query(&mut conn).unwrap();
-    assert!(format!("{consumers:?}").contains("env-name"), "{consumers:?}");
-    assert!(!format!("{consumers:?}").contains("dotenv-name"), "{consumers:?}");
+    let consumers: Vec<Vec<redis::Value>> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(STREAM)
+        .arg(GROUP)
+        .query(&mut conn)
+        .unwrap();
+    assert!(
+        format!("{consumers:?}").contains("env-name"),
+        "{consumers:?}"
+    );
+    assert!(
+        !format!("{consumers:?}").contains("dotenv-name"),
+        "{consumers:?}"
+    );
 }
 
 #[test]
@@ -114,10 +158,20 @@ fn the_secret_can_come_from_a_file() {
     let _worker = Worker::spawn(env);
     publish_ticket(&mut conn, "cs-1", "sale-1");
     let received = sink.wait_for_count(1, T);
-    assert_eq!(received[0].header("x-paheko-secret"), Some("secret-from-a-file"));
+    assert_eq!(
+        received[0].header("x-paheko-secret"),
+        Some("secret-from-a-file")
+    );
 
-    let env = env_with(base_env(&redis, &sink), [("PAHEKO_PLUGIN_SECRET_FILE", "/nonexistent/secret")]);
+    let env = env_with(
+        base_env(&redis, &sink),
+        [("PAHEKO_PLUGIN_SECRET_FILE", "/nonexistent/secret")],
+    );
     let done = Worker::run_to_end(&[], env);
     assert_eq!(done.code(), Some(2));
-    assert!(done.stderr.contains("set either PAHEKO_PLUGIN_SECRET or PAHEKO_PLUGIN_SECRET_FILE"), "{done:?}");
+    assert!(
+        done.stderr
+            .contains("set either PAHEKO_PLUGIN_SECRET or PAHEKO_PLUGIN_SECRET_FILE"),
+        "{done:?}"
+    );
 }

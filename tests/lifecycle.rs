@@ -15,24 +15,45 @@ fn kill_9_at_any_moment_loses_nothing() {
     let mut conn = redis.conn();
     let mut ids = Vec::new();
     for n in 0..60 {
-        ids.push(publish_ticket(&mut conn, &format!("cs-{}", n % 5), &format!("sale-{n}")));
+        ids.push(publish_ticket(
+            &mut conn,
+            &format!("cs-{}", n % 5),
+            &format!("sale-{n}"),
+        ));
     }
-    let env = env_with(base_env(&redis, &sink), [("PAHEKO_PUSH_CONCURRENCY", "3"), ("PAHEKO_PUSH_LOG", "info")]);
+    let env = env_with(
+        base_env(&redis, &sink),
+        [
+            ("PAHEKO_PUSH_CONCURRENCY", "3"),
+            ("PAHEKO_PUSH_LOG", "info"),
+        ],
+    );
     for round in 1..=3 {
         let mut worker = Worker::spawn(&env);
         let target = round * 12;
         wait_until("some deliveries", T, || sink.count() >= target);
         worker.kill9();
     }
-    assert!(pending_count(&mut conn, STREAM, GROUP) > 0, "killed with entries read but not acknowledged");
+    assert!(
+        pending_count(&mut conn, STREAM, GROUP) > 0,
+        "killed with entries read but not acknowledged"
+    );
     let _last = Worker::spawn(&env);
     wait_until("everything acknowledged after the last start", T, || {
         pending_count(&mut conn, STREAM, GROUP) == 0
     });
-    let delivered: HashSet<String> = sink.received().iter().map(|r| r.idempotency_key().unwrap().to_owned()).collect();
+    let delivered: HashSet<String> = sink
+        .received()
+        .iter()
+        .map(|r| r.idempotency_key().unwrap().to_owned())
+        .collect();
     let missing: Vec<&String> = ids.iter().filter(|id| !delivered.contains(*id)).collect();
     assert!(missing.is_empty(), "never delivered: {missing:?}");
-    let info: Vec<redis::Value> = redis::cmd("XINFO").arg("GROUPS").arg(STREAM).query(&mut conn).unwrap();
+    let info: Vec<redis::Value> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(STREAM)
+        .query(&mut conn)
+        .unwrap();
     assert!(format!("{info:?}").contains("lag"), "{info:?}");
 }
 
@@ -41,7 +62,9 @@ fn sigterm_finishes_the_requests_in_flight_acks_them_and_exits_0() {
     let redis = RedisServer::start();
     let sink = Sink::start(|_| Reply::status(204).after(Duration::from_millis(1500)));
     let mut conn = redis.conn();
-    let ids: Vec<String> = (0..10).map(|n| publish_ticket(&mut conn, &format!("cs-{n}"), "sale")).collect();
+    let ids: Vec<String> = (0..10)
+        .map(|n| publish_ticket(&mut conn, &format!("cs-{n}"), "sale"))
+        .collect();
     let env = env_with(base_env(&redis, &sink), [("PAHEKO_PUSH_CONCURRENCY", "2")]);
     let mut worker = Worker::spawn(&env);
     sink.wait_for_count(2, T);
@@ -55,21 +78,36 @@ fn sigterm_finishes_the_requests_in_flight_acks_them_and_exits_0() {
     assert_eq!(sink.count(), 2, "nothing new is sent once the stop began");
     worker.wait_for_msg("stopped", T);
 
-    let delivered: Vec<String> = sink.received().iter().map(|r| r.idempotency_key().unwrap().to_owned()).collect();
+    let delivered: Vec<String> = sink
+        .received()
+        .iter()
+        .map(|r| r.idempotency_key().unwrap().to_owned())
+        .collect();
     // What was sent is acknowledged; what was read but not sent stays pending.
     let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-        .arg(STREAM).arg(GROUP).arg("-").arg("+").arg(100)
+        .arg(STREAM)
+        .arg(GROUP)
+        .arg("-")
+        .arg("+")
+        .arg(100)
         .query(&mut conn)
         .unwrap();
     let pending_ids: HashSet<String> = pending.into_iter().map(|p| p.0).collect();
-    assert!(delivered.iter().all(|id| !pending_ids.contains(id)), "delivered but not acked: {delivered:?}");
+    assert!(
+        delivered.iter().all(|id| !pending_ids.contains(id)),
+        "delivered but not acked: {delivered:?}"
+    );
 
     // The next start sends the rest, and nothing twice.
     let _again = Worker::spawn(&env);
     wait_until("the rest delivered", T, || {
         sink.count() >= 10 && pending_count(&mut conn, STREAM, GROUP) == 0
     });
-    let keys: Vec<String> = sink.received().iter().map(|r| r.idempotency_key().unwrap().to_owned()).collect();
+    let keys: Vec<String> = sink
+        .received()
+        .iter()
+        .map(|r| r.idempotency_key().unwrap().to_owned())
+        .collect();
     let unique: HashSet<&String> = keys.iter().collect();
     assert_eq!(unique.len(), 10, "{keys:?}");
     assert_eq!(keys.len(), 10, "no duplicates after a clean stop: {keys:?}");
@@ -83,14 +121,25 @@ fn sigint_also_stops_cleanly_while_a_retry_is_waiting() {
     let mut conn = redis.conn();
     publish_ticket(&mut conn, "cs-1", "sale-1");
     // A 60 s backoff: the stop must not wait it out.
-    let env = env_with(base_env(&redis, &sink), [("PAHEKO_PUSH_BACKOFF_SECONDS", "60")]);
+    let env = env_with(
+        base_env(&redis, &sink),
+        [("PAHEKO_PUSH_BACKOFF_SECONDS", "60")],
+    );
     let mut worker = Worker::spawn(&env);
     worker.wait_for_msg("delivery failed, will retry", T);
     let asked = Instant::now();
     worker.sigint();
     assert_eq!(worker.wait_exit(Duration::from_secs(15)).code(), Some(0));
-    assert!(asked.elapsed() < Duration::from_secs(5), "{:?}", asked.elapsed());
-    assert_eq!(pending_count(&mut conn, STREAM, GROUP), 1, "the failed event stays pending");
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(
+        pending_count(&mut conn, STREAM, GROUP),
+        1,
+        "the failed event stays pending"
+    );
 }
 
 #[test]
@@ -99,17 +148,39 @@ fn a_restart_takes_back_its_own_pending_entries_first_in_order() {
     let sink = Sink::ok();
     let mut conn = redis.conn();
     // Entries this consumer read before a crash, never acknowledged.
-    let old: Vec<String> = (0..3).map(|n| publish_ticket(&mut conn, "cs-1", &format!("old-{n}"))).collect();
-    let _: redis::Value = redis::cmd("XGROUP").arg("CREATE").arg(STREAM).arg(GROUP).arg("0").query(&mut conn).unwrap();
+    let old: Vec<String> = (0..3)
+        .map(|n| publish_ticket(&mut conn, "cs-1", &format!("old-{n}")))
+        .collect();
+    let _: redis::Value = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(STREAM)
+        .arg(GROUP)
+        .arg("0")
+        .query(&mut conn)
+        .unwrap();
     let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP").arg(GROUP).arg("test-worker").arg("STREAMS").arg(STREAM).arg(">")
+        .arg("GROUP")
+        .arg(GROUP)
+        .arg("test-worker")
+        .arg("STREAMS")
+        .arg(STREAM)
+        .arg(">")
         .query(&mut conn)
         .unwrap();
     let new = publish_ticket(&mut conn, "cs-1", "new");
     let _worker = Worker::spawn(base_env(&redis, &sink));
     let received = sink.wait_for_count(4, T);
-    let order: Vec<&str> = received.iter().map(|r| r.idempotency_key().unwrap()).collect();
-    let expected: Vec<&str> = old.iter().map(String::as_str).chain([new.as_str()]).collect();
+    let order: Vec<&str> = received
+        .iter()
+        .map(|r| r.idempotency_key().unwrap())
+        .collect();
+    let expected: Vec<&str> = old
+        .iter()
+        .map(String::as_str)
+        .chain([new.as_str()])
+        .collect();
     assert_eq!(order, expected);
-    wait_until("acknowledged", T, || pending_count(&mut conn, STREAM, GROUP) == 0);
+    wait_until("acknowledged", T, || {
+        pending_count(&mut conn, STREAM, GROUP) == 0
+    });
 }

@@ -14,12 +14,21 @@ fn health_follows_paheko_and_redis() {
     let mut redis = RedisServer::start();
     let refusing = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&refusing);
-    let sink = Sink::start(move |_| if flag.load(Ordering::SeqCst) { Reply::status(503) } else { Reply::status(204) });
+    let sink = Sink::start(move |_| {
+        if flag.load(Ordering::SeqCst) {
+            Reply::status(503)
+        } else {
+            Reply::status(204)
+        }
+    });
     let mut conn = redis.conn();
     let worker = Worker::spawn(base_env(&redis, &sink));
 
     let (code, h) = worker.health();
-    assert_eq!((code, h["status"].as_str(), h["push_worker"].as_str()), (200, Some("ok"), Some("ok")));
+    assert_eq!(
+        (code, h["status"].as_str(), h["push_worker"].as_str()),
+        (200, Some("ok"), Some("ok"))
+    );
     assert!(h["last_success_at"].is_null());
     publish_ticket(&mut conn, "cs-1", "sale-1");
     let h = wait_for("a delivery shows", T, || {
@@ -28,7 +37,14 @@ fn health_follows_paheko_and_redis() {
     });
     assert!(h["last_success_at"].as_u64().unwrap() > 1_700_000_000);
     assert_eq!(h["consecutive_failures"], 0);
-    for key in ["status", "redis", "push_worker", "last_success_at", "pending", "consecutive_failures"] {
+    for key in [
+        "status",
+        "redis",
+        "push_worker",
+        "last_success_at",
+        "pending",
+        "consecutive_failures",
+    ] {
         assert!(h.get(key).is_some(), "/health lacks {key}: {h}");
     }
 
@@ -44,7 +60,9 @@ fn health_follows_paheko_and_redis() {
     assert_eq!(code, 200);
     assert_eq!(h["status"], "degraded");
     assert!(h["consecutive_failures"].as_u64().unwrap() >= 3, "{h}");
-    wait_until("pending shows the stuck events", T, || worker.health().1["pending"] == 3);
+    wait_until("pending shows the stuck events", T, || {
+        worker.health().1["pending"] == 3
+    });
 
     // Redis gone: 503 and redis error.
     redis.kill();
@@ -63,16 +81,20 @@ fn logs_are_json_lines_with_event_fields_and_never_the_secret_even_at_trace() {
     let sink = Sink::start(|r| match (sale_of(r).as_str(), r.attempt) {
         ("sale-retry", 1) => Reply::status(503),
         // A plugin echoing what it got: the secret must not reach logs or dead letters.
-        ("sale-refused", _) => {
-            Reply::status(400).with_body(format!("bad secret {}", r.header("x-paheko-secret").unwrap_or("")))
-        }
+        ("sale-refused", _) => Reply::status(400).with_body(format!(
+            "bad secret {}",
+            r.header("x-paheko-secret").unwrap_or("")
+        )),
         _ => Reply::status(204),
     });
     let mut conn = redis.conn();
     let env = env_with(
         base_env(&redis, &sink),
         [
-            ("REDIS_URL", redis.url_with_password(Some(redis_password)).as_str()),
+            (
+                "REDIS_URL",
+                redis.url_with_password(Some(redis_password)).as_str(),
+            ),
             ("PAHEKO_PUSH_LOG", "trace"),
         ],
     );
@@ -80,24 +102,45 @@ fn logs_are_json_lines_with_event_fields_and_never_the_secret_even_at_trace() {
     let ok = publish_ticket(&mut conn, "cs-1", "sale-ok");
     publish_ticket(&mut conn, "cs-2", "sale-retry");
     publish_ticket(&mut conn, "cs-3", "sale-refused");
-    wait_until("all settled", T, || pending_count(&mut conn, STREAM, GROUP) == 0 && sink.count() >= 4);
+    wait_until("all settled", T, || {
+        pending_count(&mut conn, STREAM, GROUP) == 0 && sink.count() >= 4
+    });
     worker.wait_for_msg("moved to the dead letters", T);
     assert_eq!(worker.health().1["dead_lettered"], 1);
 
     let stderr = worker.stderr();
-    assert!(!stderr.contains(SECRET), "the plugin secret leaked into the logs");
-    assert!(!stderr.contains(redis_password), "the Redis password leaked into the logs");
+    assert!(
+        !stderr.contains(SECRET),
+        "the plugin secret leaked into the logs"
+    );
+    assert!(
+        !stderr.contains(redis_password),
+        "the Redis password leaked into the logs"
+    );
     let dead: String = stream_entries(&mut conn, DEAD)
         .iter()
-        .flat_map(|(_, fields)| fields.iter().map(|(_, v)| String::from_utf8_lossy(v).into_owned()))
+        .flat_map(|(_, fields)| {
+            fields
+                .iter()
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        })
         .collect();
-    assert!(!dead.contains(SECRET), "the secret leaked into a dead letter");
+    assert!(
+        !dead.contains(SECRET),
+        "the secret leaked into a dead letter"
+    );
     assert!(dead.contains("bad secret [redacted]"), "{dead}");
     let lines = worker.log_lines();
-    assert_eq!(lines.len(), stderr.lines().count(), "every line is one JSON object");
+    assert_eq!(
+        lines.len(),
+        stderr.lines().count(),
+        "every line is one JSON object"
+    );
     assert!(lines.iter().any(|l| l["level"] == "trace"), "trace was on");
     assert!(
-        lines.iter().any(|l| l["target"].as_str().is_some_and(|t| t.starts_with("ureq"))),
+        lines
+            .iter()
+            .any(|l| l["target"].as_str().is_some_and(|t| t.starts_with("ureq"))),
         "the HTTP library's records are there too"
     );
     let delivered = lines

@@ -21,8 +21,24 @@ fn cmd(conn: &mut redis::Connection, args: &[&str]) -> redis::Value {
 
 /// Has `consumer` read every entry now in the stream, as a crashed instance would have.
 fn read_as(conn: &mut redis::Connection, consumer: &str) {
-    let _ = redis::cmd("XGROUP").arg("CREATE").arg(STREAM).arg(GROUP).arg("0").query::<redis::Value>(conn);
-    cmd(conn, &["XREADGROUP", "GROUP", GROUP, consumer, "STREAMS", STREAM, ">"]);
+    let _ = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(STREAM)
+        .arg(GROUP)
+        .arg("0")
+        .query::<redis::Value>(conn);
+    cmd(
+        conn,
+        &[
+            "XREADGROUP",
+            "GROUP",
+            GROUP,
+            consumer,
+            "STREAMS",
+            STREAM,
+            ">",
+        ],
+    );
 }
 
 fn accepted_order(sink: &Sink, accepted: impl Fn(&Received) -> bool) -> Vec<String> {
@@ -41,25 +57,54 @@ fn a_dead_consumers_entries_are_taken_over_in_order() {
     let down = Arc::new(AtomicBool::new(true));
     let flag = Arc::clone(&down);
     let sink = Sink::start(move |r| {
-        if sale_of(r) == "k0" && flag.load(Ordering::SeqCst) { Reply::status(503) } else { Reply::status(204) }
+        if sale_of(r) == "k0" && flag.load(Ordering::SeqCst) {
+            Reply::status(503)
+        } else {
+            Reply::status(204)
+        }
     });
     let mut conn = redis.conn();
-    let ids: Vec<String> = (0..4).map(|n| publish_ticket(&mut conn, "cs-k", &format!("k{n}"))).collect();
+    let ids: Vec<String> = (0..4)
+        .map(|n| publish_ticket(&mut conn, "cs-k", &format!("k{n}")))
+        .collect();
     // A crashed instance read everything; k0 and k3 were since handed to this worker.
     read_as(&mut conn, "crashed-instance");
-    cmd(&mut conn, &["XCLAIM", STREAM, GROUP, "test-worker", "0", &ids[0], &ids[3], "JUSTID"]);
+    cmd(
+        &mut conn,
+        &[
+            "XCLAIM",
+            STREAM,
+            GROUP,
+            "test-worker",
+            "0",
+            &ids[0],
+            &ids[3],
+            "JUSTID",
+        ],
+    );
     let env = env_with(
         base_env(&redis, &sink),
-        [("PAHEKO_PUSH_CLAIM_IDLE_SECONDS", "3"), ("PAHEKO_PUSH_MAX_RETRIES", "2")],
+        [
+            ("PAHEKO_PUSH_CLAIM_IDLE_SECONDS", "3"),
+            ("PAHEKO_PUSH_MAX_RETRIES", "2"),
+        ],
     );
     let worker = Worker::spawn(env);
-    let took = worker.wait_for_msg("taking over entries another consumer left pending (a stopped or dead instance?)", T);
+    let took = worker.wait_for_msg(
+        "taking over entries another consumer left pending (a stopped or dead instance?)",
+        T,
+    );
     assert_eq!(took["entries"], 2);
     assert_eq!(took["first"], ids[1].as_str());
     down.store(false, Ordering::SeqCst);
-    wait_until("all delivered", T, || pending_count(&mut conn, STREAM, GROUP) == 0);
+    wait_until("all delivered", T, || {
+        pending_count(&mut conn, STREAM, GROUP) == 0
+    });
     // k1 and k2 came back after k3 was read, yet went out before it.
-    assert_eq!(accepted_order(&sink, |r| !(sale_of(r) == "k0" && r.attempt <= 2)), ["k0", "k1", "k2", "k3"]);
+    assert_eq!(
+        accepted_order(&sink, |r| !(sale_of(r) == "k0" && r.attempt <= 2)),
+        ["k0", "k1", "k2", "k3"]
+    );
 }
 
 #[test]
@@ -74,7 +119,10 @@ fn pending_entries_trimmed_before_delivery_are_reported_as_lost() {
     let kept = publish_ticket(&mut conn, "cs-3", "kept");
     // The producer's MAXLEN trims both before anyone delivered them.
     cmd(&mut conn, &["XTRIM", STREAM, "MAXLEN", "1"]);
-    let env = env_with(base_env(&redis, &sink), [("PAHEKO_PUSH_CLAIM_IDLE_SECONDS", "3")]);
+    let env = env_with(
+        base_env(&redis, &sink),
+        [("PAHEKO_PUSH_CLAIM_IDLE_SECONDS", "3")],
+    );
     let worker = Worker::spawn(env);
     sink.wait_for_count(1, T);
     assert_eq!(sink.received()[0].idempotency_key(), Some(kept.as_str()));
@@ -86,14 +134,20 @@ fn pending_entries_trimmed_before_delivery_are_reported_as_lost() {
     let lost: HashSet<String> = worker
         .log_lines()
         .iter()
-        .filter(|l| l["msg"].as_str().is_some_and(|m| m.starts_with("entry vanished from the stream")))
+        .filter(|l| {
+            l["msg"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("entry vanished from the stream"))
+        })
         .map(|l| {
             assert_eq!(l["level"], "error");
             l["correlation_id"].as_str().unwrap().to_owned()
         })
         .collect();
     assert_eq!(lost, HashSet::from([mine, theirs]));
-    wait_until("nothing left pending", T, || pending_count(&mut conn, STREAM, GROUP) == 0);
+    wait_until("nothing left pending", T, || {
+        pending_count(&mut conn, STREAM, GROUP) == 0
+    });
 }
 
 #[test]
@@ -101,7 +155,13 @@ fn paheko_down_opens_the_breaker_probes_then_drains_when_back() {
     let redis = RedisServer::start();
     let down = Arc::new(AtomicBool::new(true));
     let flag = Arc::clone(&down);
-    let sink = Sink::start(move |_| if flag.load(Ordering::SeqCst) { Reply::status(503) } else { Reply::status(204) });
+    let sink = Sink::start(move |_| {
+        if flag.load(Ordering::SeqCst) {
+            Reply::status(503)
+        } else {
+            Reply::status(204)
+        }
+    });
     let mut conn = redis.conn();
     for n in 0..30 {
         publish_ticket(&mut conn, &format!("cs-{}", n % 10), &format!("sale-{n}"));
@@ -117,26 +177,49 @@ fn paheko_down_opens_the_breaker_probes_then_drains_when_back() {
         ],
     );
     let worker = Worker::spawn(env);
-    worker.wait_for_msg("paheko looks down: circuit open, sending one probe per backoff interval until it answers", T);
+    worker.wait_for_msg(
+        "paheko looks down: circuit open, sending one probe per backoff interval until it answers",
+        T,
+    );
     let at_open = sink.count();
     let h = worker.health().1;
     assert_eq!(h["paheko"], "down");
     assert!(h["paheko_down_since"].as_u64().unwrap() > 1_700_000_000);
     assert_eq!(h["status"], "degraded");
     wait_until("three failed probes", T, || {
-        worker.log_lines().iter().filter(|l| l["msg"] == "paheko still down: probe failed").count() >= 3
+        worker
+            .log_lines()
+            .iter()
+            .filter(|l| l["msg"] == "paheko still down: probe failed")
+            .count()
+            >= 3
     });
     let during = sink.count() - at_open;
     // Three probes, plus at most the four requests already under way when it opened;
     // without the breaker four pushers retrying every 0.3 s would have sent far more.
-    assert!(during <= 3 + 4, "{during} requests while the breaker was open");
-    assert_eq!(xlen(&mut conn, DEAD), 0, "transient failures are never dead-lettered");
+    assert!(
+        during <= 3 + 4,
+        "{during} requests while the breaker was open"
+    );
+    assert_eq!(
+        xlen(&mut conn, DEAD),
+        0,
+        "transient failures are never dead-lettered"
+    );
 
     down.store(false, Ordering::SeqCst);
-    worker.wait_for_msg("paheko answers again: circuit closed, delivering at full speed", T);
-    wait_until("the backlog drained", T, || pending_count(&mut conn, STREAM, GROUP) == 0);
+    worker.wait_for_msg(
+        "paheko answers again: circuit closed, delivering at full speed",
+        T,
+    );
+    wait_until("the backlog drained", T, || {
+        pending_count(&mut conn, STREAM, GROUP) == 0
+    });
     let h = worker.health().1;
-    assert_eq!((h["paheko"].as_str(), h["status"].as_str()), (Some("up"), Some("ok")));
+    assert_eq!(
+        (h["paheko"].as_str(), h["status"].as_str()),
+        (Some("up"), Some("ok"))
+    );
     assert!(h["paheko_down_since"].is_null());
 }
 
@@ -145,8 +228,13 @@ fn redis_stopped_and_restarted_with_aof_mid_run_loses_nothing() {
     let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
     let sink = Sink::start(|_| Reply::status(204).after(Duration::from_millis(30)));
     let mut conn = redis.conn();
-    let mut ids: Vec<String> = (0..30).map(|n| publish_ticket(&mut conn, &format!("cs-{}", n % 3), &format!("a-{n}"))).collect();
-    let worker = Worker::spawn(env_with(base_env(&redis, &sink), [("PAHEKO_PUSH_LOG", "info")]));
+    let mut ids: Vec<String> = (0..30)
+        .map(|n| publish_ticket(&mut conn, &format!("cs-{}", n % 3), &format!("a-{n}")))
+        .collect();
+    let worker = Worker::spawn(env_with(
+        base_env(&redis, &sink),
+        [("PAHEKO_PUSH_LOG", "info")],
+    ));
     wait_until("some delivered", T, || sink.count() >= 5);
     redis.stop();
     wait_until("health shows Redis down", T, || worker.health().0 == 503);
@@ -155,12 +243,25 @@ fn redis_stopped_and_restarted_with_aof_mid_run_loses_nothing() {
     let mut conn = redis.conn();
     ids.extend((0..10).map(|n| publish_ticket(&mut conn, "cs-new", &format!("b-{n}"))));
     wait_until("everything acknowledged", T, || {
-        pending_count(&mut conn, STREAM, GROUP) == 0 && xlen(&mut conn, STREAM) == 40 && sink.count() >= 40
+        pending_count(&mut conn, STREAM, GROUP) == 0
+            && xlen(&mut conn, STREAM) == 40
+            && sink.count() >= 40
     });
-    let delivered: HashSet<String> = sink.received().iter().map(|r| r.idempotency_key().unwrap().to_owned()).collect();
+    let delivered: HashSet<String> = sink
+        .received()
+        .iter()
+        .map(|r| r.idempotency_key().unwrap().to_owned())
+        .collect();
     assert!(ids.iter().all(|id| delivered.contains(id)));
-    wait_until("health back to ok", T, || worker.health().1["redis"] == "ok");
-    assert!(worker.log_lines().iter().any(|l| l["msg"] == "redis read failed: reconnecting"));
+    wait_until("health back to ok", T, || {
+        worker.health().1["redis"] == "ok"
+    });
+    assert!(
+        worker
+            .log_lines()
+            .iter()
+            .any(|l| l["msg"] == "redis read failed: reconnecting")
+    );
 }
 
 #[test]
@@ -180,16 +281,22 @@ fn a_destroyed_group_is_recreated_and_delivery_goes_on() {
     assert_eq!(warned["level"], "warn");
     let received = wait_for("the new ticket", T, || {
         let r = sink.received();
-        r.iter().any(|r| r.idempotency_key() == Some(after.as_str())).then_some(r)
+        r.iter()
+            .any(|r| r.idempotency_key() == Some(after.as_str()))
+            .then_some(r)
     });
     assert!(received.len() <= 3, "{}", received.len());
-    wait_until("acknowledged in the new group", T, || pending_count(&mut conn, STREAM, GROUP) == 0);
+    wait_until("acknowledged in the new group", T, || {
+        pending_count(&mut conn, STREAM, GROUP) == 0
+    });
 
     // Redis emptied altogether (restarted without persistence): stream and group come back.
     cmd(&mut conn, &["FLUSHALL"]);
     let fresh = publish_ticket(&mut conn, "cs-2", "fresh");
     wait_until("delivered after the flush", T, || {
-        sink.received().iter().any(|r| r.idempotency_key() == Some(fresh.as_str()))
+        sink.received()
+            .iter()
+            .any(|r| r.idempotency_key() == Some(fresh.as_str()))
     });
 }
 
@@ -197,34 +304,74 @@ fn a_destroyed_group_is_recreated_and_delivery_goes_on() {
 fn two_instances_share_the_load_without_duplicates_and_cover_for_each_other() {
     let redis = RedisServer::start();
     let sink = Sink::start(|r| {
-        let slow = if sale_of(r).starts_with("late") { 200 } else { 10 };
+        let slow = if sale_of(r).starts_with("late") {
+            200
+        } else {
+            10
+        };
         Reply::status(204).after(Duration::from_millis(slow))
     });
     let mut conn = redis.conn();
     let env = |name: &str| {
         env_with(
             base_env(&redis, &sink),
-            [("PAHEKO_PUSH_CONSUMER", name), ("PAHEKO_PUSH_LOG", "info"), ("PAHEKO_PUSH_CLAIM_IDLE_SECONDS", "3")],
+            [
+                ("PAHEKO_PUSH_CONSUMER", name),
+                ("PAHEKO_PUSH_LOG", "info"),
+                ("PAHEKO_PUSH_CLAIM_IDLE_SECONDS", "3"),
+            ],
         )
     };
     let mut first = Worker::spawn(env("instance-a"));
     let second = Worker::spawn(env("instance-b"));
-    let ids: Vec<String> = (0..200).map(|n| publish_ticket(&mut conn, &format!("cs-{}", n % 20), &format!("s-{n}"))).collect();
-    wait_until("all delivered", T, || pending_count(&mut conn, STREAM, GROUP) == 0 && sink.count() >= 200);
-    let keys: Vec<String> = sink.received().iter().map(|r| r.idempotency_key().unwrap().to_owned()).collect();
+    let ids: Vec<String> = (0..200)
+        .map(|n| publish_ticket(&mut conn, &format!("cs-{}", n % 20), &format!("s-{n}")))
+        .collect();
+    wait_until("all delivered", T, || {
+        pending_count(&mut conn, STREAM, GROUP) == 0 && sink.count() >= 200
+    });
+    let keys: Vec<String> = sink
+        .received()
+        .iter()
+        .map(|r| r.idempotency_key().unwrap().to_owned())
+        .collect();
     assert_eq!(keys.len(), 200, "no duplicates in normal operation");
-    let consumers = format!("{:?}", cmd(&mut conn, &["XINFO", "CONSUMERS", STREAM, GROUP]));
+    let consumers = format!(
+        "{:?}",
+        cmd(&mut conn, &["XINFO", "CONSUMERS", STREAM, GROUP])
+    );
     assert!(consumers.contains("instance-a") && consumers.contains("instance-b"));
 
     // One dies holding entries: the other delivers them after the claim idle time.
-    let more: Vec<String> = (0..40).map(|n| publish_ticket(&mut conn, &format!("cs-late-{}", n % 8), &format!("late-{n}"))).collect();
+    let more: Vec<String> = (0..40)
+        .map(|n| {
+            publish_ticket(
+                &mut conn,
+                &format!("cs-late-{}", n % 8),
+                &format!("late-{n}"),
+            )
+        })
+        .collect();
     wait_until("the late tickets under way", T, || sink.count() >= 205);
     first.kill9();
-    let took = second.wait_for_msg("taking over entries another consumer left pending (a stopped or dead instance?)", T);
+    let took = second.wait_for_msg(
+        "taking over entries another consumer left pending (a stopped or dead instance?)",
+        T,
+    );
     assert!(took["entries"].as_u64().unwrap() >= 1);
-    wait_until("instance-b delivered instance-a's entries", T, || pending_count(&mut conn, STREAM, GROUP) == 0);
-    let delivered: HashSet<String> = sink.received().iter().map(|r| r.idempotency_key().unwrap().to_owned()).collect();
-    let missing: Vec<&String> = ids.iter().chain(&more).filter(|id| !delivered.contains(*id)).collect();
+    wait_until("instance-b delivered instance-a's entries", T, || {
+        pending_count(&mut conn, STREAM, GROUP) == 0
+    });
+    let delivered: HashSet<String> = sink
+        .received()
+        .iter()
+        .map(|r| r.idempotency_key().unwrap().to_owned())
+        .collect();
+    let missing: Vec<&String> = ids
+        .iter()
+        .chain(&more)
+        .filter(|id| !delivered.contains(*id))
+        .collect();
     assert!(missing.is_empty(), "never delivered: {missing:?}");
 }
 
@@ -236,18 +383,40 @@ fn an_entry_delivered_too_many_times_is_dead_lettered() {
     let id = publish_ticket(&mut conn, "cs-1", "poison");
     read_as(&mut conn, "test-worker");
     for _ in 0..2 {
-        cmd(&mut conn, &["XREADGROUP", "GROUP", GROUP, "test-worker", "STREAMS", STREAM, "0"]);
+        cmd(
+            &mut conn,
+            &[
+                "XREADGROUP",
+                "GROUP",
+                GROUP,
+                "test-worker",
+                "STREAMS",
+                STREAM,
+                "0",
+            ],
+        );
     }
-    let env = env_with(base_env(&redis, &sink), [("PAHEKO_PUSH_MAX_DELIVERIES", "3")]);
+    let env = env_with(
+        base_env(&redis, &sink),
+        [("PAHEKO_PUSH_MAX_DELIVERIES", "3")],
+    );
     let _worker = Worker::spawn(env);
     wait_until("dead-lettered", T, || xlen(&mut conn, DEAD) == 1);
     let (_, fields) = stream_entries(&mut conn, DEAD).remove(0);
-    let get = |n: &str| String::from_utf8_lossy(&fields.iter().find(|(k, _)| k == n).unwrap().1).into_owned();
+    let get = |n: &str| {
+        String::from_utf8_lossy(&fields.iter().find(|(k, _)| k == n).unwrap().1).into_owned()
+    };
     assert_eq!(get("reason"), "max_deliveries");
     assert_eq!(get("original_id"), id);
-    assert!(get("detail").contains("delivered 4 times"), "{}", get("detail"));
+    assert!(
+        get("detail").contains("delivered 4 times"),
+        "{}",
+        get("detail")
+    );
     assert_eq!(sink.count(), 0);
-    wait_until("acknowledged", T, || pending_count(&mut conn, STREAM, GROUP) == 0);
+    wait_until("acknowledged", T, || {
+        pending_count(&mut conn, STREAM, GROUP) == 0
+    });
 }
 
 #[test]
@@ -258,7 +427,10 @@ fn a_large_backlog_warns_before_the_producer_trims() {
     for n in 0..12 {
         publish_ticket(&mut conn, "cs-1", &format!("s-{n}"));
     }
-    let env = env_with(base_env(&redis, &sink), [("PAHEKO_PUSH_BACKLOG_WARN", "10")]);
+    let env = env_with(
+        base_env(&redis, &sink),
+        [("PAHEKO_PUSH_BACKLOG_WARN", "10")],
+    );
     let worker = Worker::spawn(env);
     let warned = worker.wait_for_msg(
         "backlog is large: the producer trims its stream at 10000 entries, undelivered tickets will be lost past that",

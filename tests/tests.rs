@@ -4,17 +4,17 @@
 
 mod util;
 
-mod harness;
-mod delivery;
-mod lifecycle;
+mod chaos;
 mod configuration;
-mod observability;
 mod dead_letters;
+mod delivery;
+mod harness;
+mod lifecycle;
+mod metrics;
+mod observability;
 mod resilience;
 mod signing;
 mod systemd;
 mod tls;
 #[path = "util/tls_sink.rs"]
 mod tls_sink;
-mod chaos;
-mod metrics;

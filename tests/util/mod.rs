@@ -188,7 +188,10 @@ pub fn publish_ticket(conn: &mut redis::Connection, session: &str, sale: &str) -
     xadd(
         conn,
         STREAM,
-        &[("event", "pos.ticket.created"), ("payload", &ticket(session, sale))],
+        &[
+            ("event", "pos.ticket.created"),
+            ("payload", &ticket(session, sale)),
+        ],
     )
 }
 
