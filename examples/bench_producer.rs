@@ -144,7 +144,7 @@ fn ticket(i: usize, sessions: usize, sent_ns: Option<u64>) -> String {
         "register_id": "reg-1",
         "site_id": "site-1",
         "items": items,
-        "payments": [{"method": if i % 3 == 0 { "card" } else { "cash" }, "amount": total}],
+        "payments": [{"method": if i.is_multiple_of(3) { "card" } else { "cash" }, "amount": total}],
         "total_amount": total,
         "donation": 0,
         "created_at": "2025-11-27T10:15:00Z",

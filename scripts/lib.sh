@@ -20,3 +20,37 @@ ensure_redis() {
     return 1
   fi
 }
+
+# A command from the system's packages, installed when missing:
+# ensure_command COMMAND APT_PACKAGE DNF_PACKAGE APK_PACKAGE
+ensure_command() {
+  local command=$1 apt=$2 dnf=$3 apk=$4
+  if command -v "$command" >/dev/null 2>&1; then
+    return
+  fi
+  echo "$command is missing: installing it from the system packages" >&2
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  if command -v apt-get >/dev/null 2>&1; then
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$apt" >/dev/null
+  elif command -v dnf >/dev/null 2>&1; then
+    $sudo dnf install -y -q "$dnf"
+  elif command -v apk >/dev/null 2>&1; then
+    $sudo apk add --quiet "$apk"
+  else
+    echo "no known package manager: install $command by hand" >&2
+    return 1
+  fi
+}
+
+# php-cli: the signing tests run the PHP verification function of
+# docs/plugin-contract.md against what the worker sent (under CI=true a missing php fails).
+ensure_php() {
+  ensure_command php php-cli php-cli php83
+}
+
+# openssl: the TLS tests make a private CA and certificates with it.
+ensure_openssl() {
+  ensure_command openssl openssl openssl openssl
+}

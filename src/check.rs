@@ -146,7 +146,11 @@ fn redis_checks(config: &Config) -> Vec<Line> {
             .trim()
             .to_string(),
         Err(e) => {
-            let mut lines = vec![line(Status::Fail, "redis", format!("{url}: {e}"))];
+            let mut lines = vec![line(
+                Status::Fail,
+                "redis",
+                format!("{url}: {}", redis_error(&e)),
+            )];
             lines.extend(skipped("Redis unreachable"));
             return lines;
         }
@@ -201,6 +205,16 @@ fn redis_checks(config: &Config) -> Vec<Line> {
         Err(e) => line(Status::Fail, "dead letters", format!("{dead}: {e}")),
     });
     lines
+}
+
+/// A Redis error, with what to do when it is the server's certificate.
+fn redis_error(e: &redis::RedisError) -> String {
+    let text = e.to_string();
+    if text.contains("UnknownIssuer") {
+        format!("{text} (if Redis uses a private CA, set REDIS_CA_FILE to that CA's PEM file)")
+    } else {
+        text
+    }
 }
 
 fn key_type(redis: &mut Redis, key: &str) -> Result<String, redis::RedisError> {

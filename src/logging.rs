@@ -50,7 +50,12 @@ pub fn init(
             };
             out.finish(format_args!("{line}"))
         })
-        .chain(std::io::stderr())
+        // Written by hand rather than through fern's stderr output, which panics when
+        // stderr is gone (a closed pipe): a lost log line must never stop a thread.
+        .chain(fern::Output::call(|record| {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr().lock(), "{}", record.args());
+        }))
         .apply()
 }
 

@@ -5,6 +5,7 @@
 //! code), and by the PHP function of docs/plugin-contract.md, extracted from the
 //! document at test time and run with php-cli, so the documentation cannot drift.
 
+use std::io::Write as _;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -210,11 +211,12 @@ impl Php {
             if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
                 panic!("php-cli is missing under CI: scripts/test installs it (ensure_php)");
             }
-            eprintln!(
-                "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
-                 SKIPPED: the PHP snippet of docs/plugin-contract.md was NOT run: php is not \
-                 installed.\nRun scripts/test (it installs php-cli) or apt-get install php-cli.\n\
-                 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
+            // Straight to stderr: libtest captures eprintln! of a passing test.
+            let _ = std::io::stderr().write_all(
+                b"\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
+                  SKIPPED: the PHP snippet of docs/plugin-contract.md was NOT run: php is not \
+                  installed.\nRun scripts/test (it installs php-cli) or apt-get install php-cli.\n\
+                  !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n",
             );
             return None;
         }

@@ -4,6 +4,7 @@
 //! hardening of scripts/paheko-push.service as `systemd-analyze security` rates it,
 //! and `paheko-push check`.
 
+use std::io::Write as _;
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::process::Command;
@@ -174,13 +175,41 @@ fn the_unit_file_is_rated_2_or_lower_by_systemd_analyze() {
             "{directive} missing"
         );
     }
-    let Ok(out) = Command::new("systemd-analyze")
-        .args(["security", "--offline=true", "--no-pager", UNIT])
-        .output()
-    else {
-        eprintln!("SKIPPED: systemd-analyze is not installed; the unit's exposure was not rated");
+    let Ok(verify) = Command::new("systemd-analyze").arg("--version").output() else {
+        // Straight to stderr: libtest captures eprintln! of a passing test.
+        let _ = std::io::stderr().write_all(
+            b"SKIPPED: systemd-analyze is not installed; the unit was neither verified nor rated\n",
+        );
         return;
     };
+    assert!(verify.status.success());
+    // `verify` warns about unknown or misspelt directives, and still exits 0: any output
+    // is a defect. It also wants ExecStart's binary to exist.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("paheko-push.service");
+    std::fs::write(
+        &copy,
+        unit.replace(
+            "ExecStart=/usr/local/bin/paheko-push",
+            &format!("ExecStart={}", env!("CARGO_BIN_EXE_paheko-push")),
+        ),
+    )
+    .unwrap();
+    let verified = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        verified.status.success() && verified.stdout.is_empty() && verified.stderr.is_empty(),
+        "systemd-analyze verify: {}{}",
+        String::from_utf8_lossy(&verified.stdout),
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager", UNIT])
+        .output()
+        .expect("running systemd-analyze security");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let score = text
         .lines()

@@ -127,13 +127,14 @@ fn redis_over_tls_with_an_acl_user_delivers_and_never_logs_the_password() {
     let mut conn = redis.conn();
     let id = publish_ticket(&mut conn, "cs-1", "sale-1");
     let ca = pki.ca_pem();
-    let mut worker = Worker::spawn(env_with(
+    let env = env_with(
         base_env(&redis, &sink),
         [
             ("REDIS_URL", rediss_url(port).as_str()),
             ("REDIS_CA_FILE", ca.to_str().unwrap()),
         ],
-    ));
+    );
+    let mut worker = Worker::spawn(&env);
 
     let received = sink.wait_for_count(1, T);
     assert_eq!(received[0].idempotency_key(), Some(id.as_str()));
@@ -149,6 +150,20 @@ fn redis_over_tls_with_an_acl_user_delivers_and_never_logs_the_password() {
     assert_eq!(
         started["redis"],
         Value::from(format!("rediss://{REDIS_USER}:***@127.0.0.1:{port}/0"))
+    );
+
+    // `check` goes the same way, and shows the URL without its password.
+    let checked = Worker::run_to_end(&["check"], &env);
+    assert_eq!(checked.code(), Some(0), "{checked:?}");
+    assert!(
+        checked.stdout.contains(&format!(
+            "ok    redis         rediss://{REDIS_USER}:***@127.0.0.1:{port}/0 answers"
+        )),
+        "{checked:?}"
+    );
+    assert!(
+        !format!("{checked:?}").contains(REDIS_PASSWORD),
+        "{checked:?}"
     );
 
     worker.sigterm();
