@@ -116,10 +116,8 @@ fn parse_ids(args: &[&String]) -> Result<Vec<StreamId>, String> {
 /// `paheko-push dead …`: parses the arguments, then loads the configuration with
 /// `config` (so `dead --help` needs none) and runs the command.
 ///
-/// Usage and configuration errors are returned (exit code 2, printed by `main`). The
-/// other failures need exit codes [`crate::Error`] does not have (3 and 4), so they are
-/// printed here and end the process with [`Failure::code`] — the only exit outside
-/// `main`.
+/// Every failure is returned for `main` to print and exit with: usage and
+/// configuration errors with code 2, the others with [`Failure::code`].
 pub fn main(args: &[String], config: impl FnOnce() -> Result<Config, Error>) -> Result<(), Error> {
     let command = Command::parse(args).map_err(|e| Error::Usage(format!("{e}\n{USAGE}")))?;
     if command == Command::Help {
@@ -142,8 +140,10 @@ pub fn main(args: &[String], config: impl FnOnce() -> Result<Config, Error>) -> 
         Err(Failure::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         Err(failure) => {
             let redactor = Redactor::new(config.secrets());
-            eprintln!("paheko-push: {}", redactor.redact(&failure.to_string()));
-            std::process::exit(failure.code().into())
+            Err(Error::Command {
+                code: failure.code(),
+                message: redactor.redact(&failure.to_string()),
+            })
         }
     }
 }

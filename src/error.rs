@@ -14,6 +14,9 @@ pub enum Error {
     Usage(String),
     /// Start-up failed: the health port is taken, a thread could not start…
     Startup(String),
+    /// An operator command (`dead …`) failed; it chose the exit code a script can rely
+    /// on (see `dead::Failure::code`), and the message is already free of secrets.
+    Command { code: u8, message: String },
 }
 
 impl Error {
@@ -23,6 +26,7 @@ impl Error {
         match self {
             Error::Config(_) | Error::Usage(_) => 2,
             Error::Startup(_) => 1,
+            Error::Command { code, .. } => *code,
         }
     }
 }
@@ -33,6 +37,7 @@ impl fmt::Display for Error {
             Error::Config(e) => write!(f, "configuration: {e}"),
             Error::Usage(e) => write!(f, "usage: {e}"),
             Error::Startup(e) => write!(f, "start-up: {e}"),
+            Error::Command { message, .. } => f.write_str(message),
         }
     }
 }

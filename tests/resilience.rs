@@ -443,3 +443,33 @@ fn a_large_backlog_warns_before_the_producer_trims() {
     });
     assert_eq!(h["status"], "degraded");
 }
+
+#[test]
+fn an_acknowledgement_redis_could_not_take_is_written_after_it_returns() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let sink = Sink::start(|_| Reply::status(204).after(Duration::from_millis(1500)));
+    let mut conn = redis.conn();
+    let id = publish_ticket(&mut conn, "cs-1", "sale-1");
+    let worker = Worker::spawn(base_env(&redis, &sink));
+    sink.wait_for_count(1, T);
+    // Redis goes away while the plugin is still answering: the 2xx cannot be acked.
+    redis.stop();
+    let kept = worker.wait_for_msg(
+        "redis did not take acknowledgements: keeping them to write again",
+        T,
+    );
+    assert_eq!(kept["waiting_acks"], 1);
+    redis.restart();
+    let mut conn = redis.conn();
+    wait_until("the acknowledgement written after the restart", T, || {
+        pending_count(&mut conn, STREAM, GROUP) == 0
+    });
+    worker.wait_for_msg("redis takes acknowledgements again", T);
+    // Acked, not delivered a second time.
+    let keys: Vec<String> = sink
+        .received()
+        .iter()
+        .map(|r| r.idempotency_key().unwrap().to_owned())
+        .collect();
+    assert_eq!(keys, [id]);
+}
