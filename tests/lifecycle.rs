@@ -42,11 +42,7 @@ fn kill_9_at_any_moment_loses_nothing() {
     wait_until("everything acknowledged after the last start", T, || {
         pending_count(&mut conn, STREAM, GROUP) == 0
     });
-    let delivered: HashSet<String> = sink
-        .received()
-        .iter()
-        .map(|r| r.idempotency_key().unwrap().to_owned())
-        .collect();
+    let delivered: HashSet<String> = sink.keys().into_iter().collect();
     let missing: Vec<&String> = ids.iter().filter(|id| !delivered.contains(*id)).collect();
     assert!(missing.is_empty(), "never delivered: {missing:?}");
     let info: Vec<redis::Value> = redis::cmd("XINFO")
@@ -78,11 +74,7 @@ fn sigterm_finishes_the_requests_in_flight_acks_them_and_exits_0() {
     assert_eq!(sink.count(), 2, "nothing new is sent once the stop began");
     worker.wait_for_msg("stopped", T);
 
-    let delivered: Vec<String> = sink
-        .received()
-        .iter()
-        .map(|r| r.idempotency_key().unwrap().to_owned())
-        .collect();
+    let delivered: Vec<String> = sink.keys().into_iter().collect();
     // What was sent is acknowledged; what was read but not sent stays pending.
     let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
         .arg(STREAM)
@@ -103,11 +95,7 @@ fn sigterm_finishes_the_requests_in_flight_acks_them_and_exits_0() {
     wait_until("the rest delivered", T, || {
         sink.count() >= 10 && pending_count(&mut conn, STREAM, GROUP) == 0
     });
-    let keys: Vec<String> = sink
-        .received()
-        .iter()
-        .map(|r| r.idempotency_key().unwrap().to_owned())
-        .collect();
+    let keys: Vec<String> = sink.keys().into_iter().collect();
     let unique: HashSet<&String> = keys.iter().collect();
     assert_eq!(unique.len(), 10, "{keys:?}");
     assert_eq!(keys.len(), 10, "no duplicates after a clean stop: {keys:?}");

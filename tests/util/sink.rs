@@ -197,6 +197,14 @@ impl Sink {
     }
 
     /// How many requests have been received so far.
+    /// The `Idempotency-Key` (the stream entry ID) of every request, in arrival order.
+    pub fn keys(&self) -> Vec<String> {
+        self.received()
+            .iter()
+            .map(|r| r.idempotency_key().unwrap_or_default().to_owned())
+            .collect()
+    }
+
     pub fn count(&self) -> usize {
         self.shared.log.lock().unwrap().received.len()
     }
