@@ -328,8 +328,8 @@ pub fn autoclaim(
     })
 }
 
-/// How many times each pending entry from `from` to `to` has been delivered, as
-/// XPENDING's extended form reports it.
+/// How many times each of this consumer's pending entries from `from` to `to` has
+/// been delivered, as XPENDING's extended form reports it.
 pub fn delivery_counts(
     redis: &mut Redis,
     names: &Names,
@@ -342,7 +342,8 @@ pub fn delivery_counts(
         .arg(&names.group)
         .arg(from.to_string())
         .arg(to.to_string())
-        .arg(count);
+        .arg(count)
+        .arg(&names.consumer);
     let rows: Vec<(String, String, u64, u64)> = redis.query(&cmd)?;
     Ok(rows
         .into_iter()
