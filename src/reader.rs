@@ -24,11 +24,11 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(7);
 /// Entries per read.
 pub const COUNT: usize = 128;
 /// How often entries left idle by other consumers are looked for.
-const RECLAIM_EVERY: Duration = Duration::from_secs(5);
+const RECLAIM_EVERY: Duration = Duration::from_secs(10);
 /// XAUTOCLAIM calls of COUNT entries per look, at most.
 const RECLAIM_ROUNDS: usize = 8;
 /// How often the pending count shown on /health is refreshed.
-const STATS_EVERY: Duration = Duration::from_secs(1);
+const STATS_EVERY: Duration = Duration::from_secs(5);
 /// How often a reader held back by a full acker wakes to ping systemd's watchdog.
 const WATCHDOG_TICK: Duration = Duration::from_secs(1);
 
@@ -202,19 +202,18 @@ impl Reader {
     /// the producer's MAXLEN, where tickets start to be trimmed unseen.
     fn refresh_stats(&mut self) {
         let was_warning = self.stats.backlog_warning();
-        if let Ok((n, oldest)) = store::pending_summary(&mut self.redis, &self.names) {
-            self.stats.pending.store(n, Relaxed);
+        // A failure here is met again, and handled, by the next read.
+        if let Ok(q) = store::queue_stats(&mut self.redis, &self.names) {
+            self.stats.pending.store(q.pending, Relaxed);
             let now_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
-            let age = oldest.map_or(0, |id| now_ms.saturating_sub(id.ms) / 1000);
+            let age = q
+                .oldest_pending
+                .map_or(0, |id| now_ms.saturating_sub(id.ms) / 1000);
             self.stats.oldest_pending_age_seconds.store(age, Relaxed);
-        }
-        if let Ok(n) = store::length(&mut self.redis, &self.names.dead_letters) {
-            self.stats.dead_letters.store(n, Relaxed);
-        }
-        if let Ok(lag) = store::lag(&mut self.redis, &self.names) {
-            self.stats.lag.store(lag.unwrap_or(0), Relaxed);
+            self.stats.lag.store(q.lag.unwrap_or(0), Relaxed);
+            self.stats.dead_letters.store(q.dead_letters, Relaxed);
         }
         let warning = self.stats.backlog_warning();
         let (pending, lag) = (

@@ -250,26 +250,59 @@ pub fn pending_summary(
     let mut cmd = redis::cmd("XPENDING");
     cmd.arg(&names.stream).arg(&names.group);
     match redis.query::<Value>(&cmd) {
-        Ok(Value::Array(summary)) => {
-            let count = match summary.first() {
-                Some(Value::Int(n)) => *n as u64,
-                _ => 0,
-            };
-            let oldest = match summary.get(1) {
-                Some(Value::BulkString(id)) => String::from_utf8_lossy(id).parse().ok(),
-                _ => None,
-            };
-            Ok((count, oldest))
-        }
-        Ok(_) => Ok((0, None)),
+        Ok(summary) => Ok(parse_pending_summary(&summary)),
         Err(e) if is_no_group(&e) => Ok((0, None)),
         Err(e) => Err(e),
     }
 }
 
-/// XLEN; 0 for a stream that does not exist.
-pub fn length(redis: &mut Redis, stream: &str) -> Result<u64, RedisError> {
-    redis.query(redis::cmd("XLEN").arg(stream))
+fn parse_pending_summary(summary: &Value) -> (u64, Option<StreamId>) {
+    let Value::Array(summary) = summary else {
+        return (0, None);
+    };
+    let count = match summary.first() {
+        Some(Value::Int(n)) => *n as u64,
+        _ => 0,
+    };
+    let oldest = match summary.get(1) {
+        Some(Value::BulkString(id)) => String::from_utf8_lossy(id).parse().ok(),
+        _ => None,
+    };
+    (count, oldest)
+}
+
+/// What /health and /metrics show of the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueStats {
+    pub pending: u64,
+    pub oldest_pending: Option<StreamId>,
+    /// `None` when Redis cannot tell.
+    pub lag: Option<u64>,
+    pub dead_letters: u64,
+}
+
+/// The pending summary, the group's lag and the dead-letter count in one round trip
+/// (XPENDING, XINFO GROUPS and XLEN pipelined): the reader refreshes them while idle,
+/// and every reply is a wake-up.
+pub fn queue_stats(redis: &mut Redis, names: &Names) -> Result<QueueStats, RedisError> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("XPENDING").arg(&names.stream).arg(&names.group);
+    pipe.cmd("XINFO").arg("GROUPS").arg(&names.stream);
+    pipe.cmd("XLEN").arg(&names.dead_letters);
+    let replies: Vec<Value> = redis.query_pipeline(&pipe)?;
+    let [summary, groups, dead] = replies.as_slice() else {
+        return Err(unexpected(format!("expected 3 replies, got {replies:?}")));
+    };
+    let (pending, oldest_pending) = parse_pending_summary(summary);
+    Ok(QueueStats {
+        pending,
+        oldest_pending,
+        lag: parse_lag(groups, &names.group),
+        dead_letters: match dead {
+            Value::Int(n) => *n as u64,
+            _ => 0,
+        },
+    })
 }
 
 /// What one XAUTOCLAIM round took over.
@@ -370,17 +403,17 @@ pub fn touch(redis: &mut Redis, names: &Names, ids: &[StreamId]) -> Result<(), R
     Ok(())
 }
 
-/// The group's lag: entries in the stream not yet read by the group (XINFO GROUPS).
-/// `None` when Redis cannot tell (after a deletion or trimming in the read range).
-pub fn lag(redis: &mut Redis, names: &Names) -> Result<Option<u64>, RedisError> {
-    let groups: Value = redis.query(redis::cmd("XINFO").arg("GROUPS").arg(&names.stream))?;
+/// The group's lag in an XINFO GROUPS reply: entries in the stream not yet read by
+/// the group. `None` when Redis cannot tell (after a deletion or trimming in the read
+/// range).
+fn parse_lag(groups: &Value, group_name: &str) -> Option<u64> {
     let Value::Array(groups) = groups else {
-        return Ok(None);
+        return None;
     };
     for group in groups {
         let fields: Vec<Value> = match group {
-            Value::Array(f) => f,
-            Value::Map(m) => m.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+            Value::Array(f) => f.clone(),
+            Value::Map(m) => m.iter().flat_map(|(k, v)| [k.clone(), v.clone()]).collect(),
             _ => continue,
         };
         let mut name = None;
@@ -394,11 +427,11 @@ pub fn lag(redis: &mut Redis, names: &Names) -> Result<Option<u64>, RedisError> 
                 _ => {}
             }
         }
-        if name.as_deref() == Some(names.group.as_bytes()) {
-            return Ok(lag);
+        if name.as_deref() == Some(group_name.as_bytes()) {
+            return lag;
         }
     }
-    Ok(None)
+    None
 }
 
 /// Waits before reconnection attempt `n` (0-based): 100 ms doubling to 5 s.
