@@ -5,8 +5,8 @@
 //!
 //! For latency, a body carrying `"sent_ns":<unix nanoseconds>` (the bench producer's
 //! clock when it wrote the entry to Redis) is timed: receive time minus that stamp.
-//! `GET /stats` answers `{"posts":…,"timed":…,"p50_us":…,"p99_us":…,"max_us":…}` and
-//! `POST /reset` clears both. tiny_http was not used: its accept thread, message queue
+//! `GET /stats` answers `{"posts":…,"connections":…,"timed":…,"p50_us":…,"p99_us":…,
+//! "max_us":…}` and `POST /reset` clears them (the connection that asks counts as one). tiny_http was not used: its accept thread, message queue
 //! and per-request allocations would make the sink, not the worker, the thing measured.
 //!
 //! ```text
@@ -22,6 +22,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 #[derive(Default)]
 struct Counters {
     posts: AtomicU64,
+    /// Connections accepted: more than the client's concurrency means it reconnects.
+    connections: AtomicU64,
     /// Receive time minus the producer's stamp, in nanoseconds.
     delays_ns: Mutex<Vec<u64>>,
 }
@@ -50,6 +52,7 @@ fn main() -> std::io::Result<()> {
     let counters = Arc::new(Counters::default());
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
+        counters.connections.fetch_add(1, Relaxed);
         let counters = Arc::clone(&counters);
         std::thread::spawn(move || {
             let _ = serve(stream, &counters);
@@ -120,6 +123,7 @@ fn serve(stream: TcpStream, counters: &Counters) -> std::io::Result<()> {
             }
             ("POST", "/reset") => {
                 counters.posts.store(0, Relaxed);
+                counters.connections.store(0, Relaxed);
                 lock(counters).clear();
                 writer.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")?;
             }
@@ -176,6 +180,7 @@ fn stats(counters: &Counters) -> String {
     };
     serde_json::json!({
         "posts": counters.posts.load(Relaxed),
+        "connections": counters.connections.load(Relaxed),
         "timed": delays.len(),
         "p50_us": pick(0.50),
         "p99_us": pick(0.99),

@@ -18,6 +18,66 @@ use crate::shutdown::Shutdown;
 
 pub const USER_AGENT: &str = concat!("paheko-push/", env!("CARGO_PKG_VERSION"));
 
+/// Kept-alive connections to the plugin; above the largest useful concurrency.
+const MAX_IDLE_CONNECTIONS: usize = 256;
+/// ureq's read and write buffers, per connection.
+const BUFFER_SIZE: usize = 16 * 1024;
+/// How long the plugin host's addresses are reused before asking the system again.
+const RESOLVE_TTL: Duration = Duration::from_secs(30);
+
+/// ureq resolves the plugin's host before every request, pooled connection or not,
+/// and with a timeout set its default resolver does so on a new thread each time:
+/// that thread per event was the worker's largest cost (docs/performance.md, change 1).
+/// This one answers an IP literal at once and keeps a name's addresses for
+/// [`RESOLVE_TTL`]. `ureq::unversioned` is exempt from semver: ureq is pinned to 3.5.
+#[derive(Debug, Default)]
+struct Resolver {
+    system: ureq::unversioned::resolver::DefaultResolver,
+    cache: std::sync::Mutex<
+        Option<(
+            String,
+            Instant,
+            ureq::unversioned::resolver::ResolvedSocketAddrs,
+        )>,
+    >,
+}
+
+impl ureq::unversioned::resolver::Resolver for Resolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        let host = uri.host().unwrap_or("");
+        let port = uri
+            .port_u16()
+            .unwrap_or(if uri.scheme_str() == Some("https") {
+                443
+            } else {
+                80
+            });
+        if let Ok(ip) = host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+            let mut addrs = self.empty();
+            addrs.push(std::net::SocketAddr::new(ip, port));
+            return Ok(addrs);
+        }
+        let key = format!("{host}:{port}");
+        if let Ok(cache) = self.cache.lock()
+            && let Some((cached, at, addrs)) = cache.as_ref()
+            && *cached == key
+            && at.elapsed() < RESOLVE_TTL
+        {
+            return Ok(addrs.clone());
+        }
+        let addrs = self.system.resolve(uri, config, timeout)?;
+        if let Ok(mut cache) = self.cache.lock() {
+            *cache = Some((key, Instant::now(), addrs.clone()));
+        }
+        Ok(addrs)
+    }
+}
+
 /// How much of a refusal's body is kept for the dead letter and the log.
 const DETAIL_LIMIT: u64 = 2048;
 
@@ -91,7 +151,7 @@ impl Pusher {
         let roots = trusted_roots(ca)
             .into_iter()
             .map(|der| ureq::tls::Certificate::from_der(&der).to_owned());
-        ureq::Agent::config_builder()
+        let config = ureq::Agent::config_builder()
             .tls_config(
                 ureq::tls::TlsConfig::builder()
                     .root_certs(ureq::tls::RootCerts::from(roots))
@@ -102,9 +162,21 @@ impl Pusher {
             .max_redirects(0)
             .https_only(https_only)
             .user_agent(USER_AGENT)
-            .max_idle_connections_per_host(64)
-            .build()
-            .into()
+            // One kept-alive connection per pusher: ureq's pool keeps 10 in all by
+            // default, whatever the per-host figure (docs/performance.md, change 2).
+            .max_idle_connections(MAX_IDLE_CONNECTIONS)
+            .max_idle_connections_per_host(MAX_IDLE_CONNECTIONS)
+            // 128 KiB per connection and direction by default; requests are ~1 KB and a
+            // 1 MB payload streams through (change 3).
+            .input_buffer_size(BUFFER_SIZE)
+            .output_buffer_size(BUFFER_SIZE)
+            .max_response_header_size(BUFFER_SIZE)
+            .build();
+        ureq::Agent::with_parts(
+            config,
+            ureq::unversioned::transport::DefaultConnector::default(),
+            Resolver::default(),
+        )
     }
 
     /// Runs a pusher until the work channel closes.

@@ -474,3 +474,26 @@ fn per_session_order_holds_under_injected_503s_with_four_pushers() {
         received.len()
     );
 }
+
+#[test]
+fn a_plugin_named_by_host_name_is_reached() {
+    let redis = RedisServer::start();
+    let sink = Sink::ok();
+    let mut conn = redis.conn();
+    for n in 0..3 {
+        publish_ticket(&mut conn, "cs-1", &format!("sale-{n}"));
+    }
+    let url = sink.url().replace("127.0.0.1", "localhost");
+    let _worker = Worker::spawn(env_with(
+        base_env(&redis, &sink),
+        [("PAHEKO_PLUGIN_URL", url.as_str())],
+    ));
+    let received = sink.wait_for_count(3, T);
+    assert_eq!(
+        received.iter().map(sale_of).collect::<Vec<_>>(),
+        ["sale-0", "sale-1", "sale-2"]
+    );
+    wait_until("acknowledged", T, || {
+        pending_count(&mut conn, STREAM, GROUP) == 0
+    });
+}
