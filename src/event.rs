@@ -4,10 +4,13 @@
 //! that cannot be delivered becomes a [`Rejected`] carrying the reason, to be
 //! dead-lettered.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
 use redis::Value;
+use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 /// A stream entry ID, `<milliseconds>-<sequence>`; ordered as Redis orders them.
@@ -186,25 +189,107 @@ fn field<'a>(fields: &'a [Field], name: &str) -> Option<&'a [u8]> {
         .map(|(_, v)| v.as_slice())
 }
 
-/// Checks the payload is UTF-8 JSON and finds its ordering key and request ID, without
-/// building a tree of the whole document.
+/// Checks the payload is UTF-8 JSON and finds its ordering key and request ID in one
+/// pass, without building a tree of the document nor copying its keys.
 fn inspect_payload(
     raw: &[u8],
     order_keys: &[String],
 ) -> Result<(Option<String>, Option<String>), String> {
     let text = std::str::from_utf8(raw).map_err(|e| format!("not UTF-8 ({e})"))?;
-    let top: &RawValue = serde_json::from_str(text).map_err(|e| format!("not JSON ({e})"))?;
-    if !top.get().starts_with('{') {
+    if !text.trim_start().starts_with('{') {
+        let _: &RawValue = serde_json::from_str(text).map_err(|e| format!("not JSON ({e})"))?;
         return Ok((None, None));
     }
-    let object: std::collections::HashMap<String, &RawValue> =
-        serde_json::from_str(top.get()).map_err(|e| format!("not a JSON object ({e})"))?;
-    let scalar = |name: &str| object.get(name).and_then(|v| scalar_text(v));
-    let key = order_keys.iter().find_map(|k| scalar(k));
-    let request_id = scalar("request_id")
-        .or_else(|| scalar("correlation_id"))
+    let mut json = serde_json::Deserializer::from_str(text);
+    let found = Wanted { order_keys }
+        .deserialize(&mut json)
+        .and_then(|found| json.end().map(|()| found))
+        .map_err(|e| format!("not JSON ({e})"))?;
+    let key = found
+        .order_keys
+        .iter()
+        .flatten()
+        .find_map(|v| scalar_text(v));
+    let request_id = [found.request_id, found.correlation_id]
+        .into_iter()
+        .flatten()
+        .find_map(scalar_text)
         .filter(|r| is_header_value(r));
     Ok((key, request_id))
+}
+
+/// What [`inspect_payload`] looks for in the top-level object: the fields it needs,
+/// each as a slice of the payload; the last occurrence of a repeated field wins.
+struct Wanted<'k> {
+    order_keys: &'k [String],
+}
+
+struct Found<'de> {
+    /// One slot per order key, in the order of `PAHEKO_PUSH_ORDER_KEYS`.
+    order_keys: Vec<Option<&'de RawValue>>,
+    request_id: Option<&'de RawValue>,
+    correlation_id: Option<&'de RawValue>,
+}
+
+impl<'de> DeserializeSeed<'de> for Wanted<'_> {
+    type Value = Found<'de>;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Found<'de>, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Wanted<'_> {
+    type Value = Found<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Found<'de>, A::Error> {
+        let mut found = Found {
+            order_keys: vec![None; self.order_keys.len()],
+            request_id: None,
+            correlation_id: None,
+        };
+        while let Some(Key(key)) = map.next_key()? {
+            let value: &'de RawValue = map.next_value()?;
+            match key.as_ref() {
+                "request_id" => found.request_id = Some(value),
+                "correlation_id" => found.correlation_id = Some(value),
+                _ => {}
+            }
+            if let Some(at) = self.order_keys.iter().position(|k| *k == key) {
+                found.order_keys[at] = Some(value);
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// An object key, borrowed from the payload unless it holds an escape.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Key<'de>, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(s)))
+            }
+
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(s.to_owned())))
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
 }
 
 /// A JSON string's text, or a number's digits; `None` for null, objects and arrays.
@@ -332,6 +417,38 @@ mod tests {
         let e = Event::parse(ID, fields(&[("data", r#"{"x":1}"#)]), &keys()).unwrap();
         assert_eq!(e.key, None);
         assert_eq!(e.body(), br#"{"x":1}"#);
+    }
+
+    #[test]
+    fn only_top_level_fields_count_and_escaped_names_match() {
+        let payload = r#"{"items":[{"cash_session_id":"nested"}],"cash\u005fsession_id":"cs-1"}"#;
+        let e = Event::parse(ID, fields(&[("payload", payload)]), &keys()).unwrap();
+        assert_eq!(e.key.as_deref(), Some("cs-1"));
+        let e = Event::parse(
+            ID,
+            fields(&[("payload", r#"{"session_id":"a","session_id":"b"}"#)]),
+            &keys(),
+        )
+        .unwrap();
+        assert_eq!(
+            e.key.as_deref(),
+            Some("b"),
+            "the last of a repeated field, as a JSON object would keep"
+        );
+        let e = Event::parse(ID, fields(&[("payload", " [1, 2] ")]), &keys()).unwrap();
+        assert_eq!((e.key.as_deref(), e.body()), (None, " [1, 2] ".as_bytes()));
+    }
+
+    #[test]
+    fn trailing_text_or_a_truncated_object_is_not_json() {
+        for bad in [r#"{"a":1} x"#, r#"{"a":1"#, r#"{"a":}"#, "[1,"] {
+            let r = Event::parse(ID, fields(&[("payload", bad)]), &keys()).unwrap_err();
+            assert!(
+                r.detail.starts_with("field payload: not JSON"),
+                "{bad}: {}",
+                r.detail
+            );
+        }
     }
 
     #[test]
