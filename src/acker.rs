@@ -103,9 +103,7 @@ impl Acker {
             if stopping && stopping_since.is_none() {
                 stopping_since = Some(Instant::now());
             }
-            if s.touch_at.is_none_or(|t| t <= Instant::now()) {
-                self.touch(&mut s);
-            }
+            self.touch(&mut s);
             if !stopping {
                 for event in s.lanes.due(Instant::now()) {
                     self.stats.parked.fetch_sub(1, Relaxed);
@@ -272,15 +270,25 @@ impl Acker {
 impl Acker {
     /// Resets the idle time of every entry held here, a third of the claim idle time
     /// apart, so no other instance takes over an entry this one is still working on.
+    /// The timer runs only while something is held, so an idle worker does not wake
+    /// for it.
     fn touch(&mut self, s: &mut State) {
-        s.touch_at = Some(Instant::now() + self.claim_idle / 3);
-        let ids: Vec<StreamId> = s.lanes.held_ids().collect();
-        if ids.is_empty() {
-            return;
-        }
-        if let Err(e) = store::touch(&mut self.redis, &self.names, &ids) {
-            log::warn!(error = e.to_string().as_str(), entries = ids.len();
-                "could not refresh the idle time of the entries held here");
+        let now = Instant::now();
+        let next = now + self.claim_idle / 3;
+        match s.touch_at {
+            None if s.lanes.held() > 0 => s.touch_at = Some(next),
+            Some(due) if due <= now => {
+                let ids: Vec<StreamId> = s.lanes.held_ids().collect();
+                s.touch_at = (!ids.is_empty()).then_some(next);
+                if ids.is_empty() {
+                    return;
+                }
+                if let Err(e) = store::touch(&mut self.redis, &self.names, &ids) {
+                    log::warn!(error = e.to_string().as_str(), entries = ids.len();
+                        "could not refresh the idle time of the entries held here");
+                }
+            }
+            _ => {}
         }
     }
 }

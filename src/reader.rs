@@ -23,12 +23,12 @@ pub const BLOCK: Duration = Duration::from_secs(2);
 pub const READ_TIMEOUT: Duration = Duration::from_secs(7);
 /// Entries per read.
 pub const COUNT: usize = 128;
-/// How often entries left idle by other consumers are looked for.
-const RECLAIM_EVERY: Duration = Duration::from_secs(10);
+/// How often entries left idle by other consumers are looked for and the queue
+/// figures of /health refreshed, in one round trip: while idle the worker wakes only for
+/// that and its blocked reads.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(10);
 /// XAUTOCLAIM calls of COUNT entries per look, at most.
 const RECLAIM_ROUNDS: usize = 8;
-/// How often the pending count shown on /health is refreshed.
-const STATS_EVERY: Duration = Duration::from_secs(5);
 /// How often a reader held back by a full acker wakes to ping systemd's watchdog.
 const WATCHDOG_TICK: Duration = Duration::from_secs(1);
 
@@ -48,14 +48,9 @@ impl Reader {
         let mut cursor = Cursor::Pending(StreamId { ms: 0, seq: 0 });
         let mut group_ready = false;
         let mut failures = 0u32;
-        let mut stats_at: Option<Instant> = None;
-        let mut reclaim_at = Instant::now() + RECLAIM_EVERY;
+        let mut housekeeping_at = Instant::now();
         while !self.shutdown.is_stopping() {
             crate::notify::watchdog();
-            if stats_at.is_none_or(|t| t.elapsed() >= STATS_EVERY) {
-                self.refresh_stats();
-                stats_at = Some(Instant::now());
-            }
             let result = if !group_ready {
                 store::ensure_group(&mut self.redis, &self.names).map(|created| {
                     if created {
@@ -66,9 +61,9 @@ impl Reader {
                     crate::notify::ready();
                     Vec::new()
                 })
-            } else if cursor == Cursor::New && Instant::now() >= reclaim_at {
-                reclaim_at = Instant::now() + RECLAIM_EVERY;
-                self.reclaim()
+            } else if cursor == Cursor::New && Instant::now() >= housekeeping_at {
+                housekeeping_at = Instant::now() + HOUSEKEEPING_EVERY;
+                self.housekeeping()
             } else {
                 self.read(&mut cursor)
             };
@@ -134,13 +129,21 @@ impl Reader {
     /// Takes over entries idle longer than the claim idle time from any consumer of the
     /// group: those of a dead instance. (This worker's own entries never go idle that
     /// long while it runs: the acker keeps them fresh.)
-    fn reclaim(&mut self) -> Result<Vec<Incoming>, RedisError> {
+    fn housekeeping(&mut self) -> Result<Vec<Incoming>, RedisError> {
+        let (mut claimed, stats) =
+            store::housekeeping(&mut self.redis, &self.names, self.claim_idle, COUNT)?;
+        self.show(stats);
         let mut batch = Vec::new();
-        let mut start = StreamId { ms: 0, seq: 0 };
-        for _ in 0..RECLAIM_ROUNDS {
-            let claimed =
-                store::autoclaim(&mut self.redis, &self.names, self.claim_idle, start, COUNT)?;
-            for id in claimed.vanished {
+        for round in 0..RECLAIM_ROUNDS {
+            if round > 0 {
+                let start = claimed.next;
+                if start == StreamId::default() {
+                    break;
+                }
+                claimed =
+                    store::autoclaim(&mut self.redis, &self.names, self.claim_idle, start, COUNT)?;
+            }
+            for id in std::mem::take(&mut claimed.vanished) {
                 batch.push(Incoming::Vanished(id));
             }
             if !claimed.entries.is_empty() {
@@ -151,11 +154,7 @@ impl Reader {
                 log::warn!(entries = claimed.entries.len(), first = first.to_string().as_str(),
                     claim_idle_s = self.claim_idle.as_secs();
                     "taking over entries another consumer left pending (a stopped or dead instance?)");
-                batch.extend(self.incoming(claimed.entries, &counts));
-            }
-            start = claimed.next;
-            if start == (StreamId { ms: 0, seq: 0 }) {
-                break;
+                batch.extend(self.incoming(std::mem::take(&mut claimed.entries), &counts));
             }
         }
         Ok(batch)
@@ -201,9 +200,15 @@ impl Reader {
     /// The pending count and lag shown on /health; a warning when the backlog nears
     /// the producer's MAXLEN, where tickets start to be trimmed unseen.
     fn refresh_stats(&mut self) {
-        let was_warning = self.stats.backlog_warning();
         // A failure here is met again, and handled, by the next read.
         if let Ok(q) = store::queue_stats(&mut self.redis, &self.names) {
+            self.show(q);
+        }
+    }
+
+    fn show(&self, q: store::QueueStats) {
+        let was_warning = self.stats.backlog_warning();
+        {
             self.stats.pending.store(q.pending, Relaxed);
             let now_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

@@ -286,23 +286,32 @@ pub struct QueueStats {
 /// and every reply is a wake-up.
 pub fn queue_stats(redis: &mut Redis, names: &Names) -> Result<QueueStats, RedisError> {
     let mut pipe = redis::pipe();
+    add_stats_cmds(&mut pipe, names);
+    let replies: Vec<Value> = redis.query_pipeline(&pipe)?;
+    if replies.len() != 3 {
+        return Err(unexpected(format!("expected 3 replies, got {replies:?}")));
+    }
+    Ok(parse_stats(&replies, &names.group))
+}
+
+fn add_stats_cmds(pipe: &mut redis::Pipeline, names: &Names) {
     pipe.cmd("XPENDING").arg(&names.stream).arg(&names.group);
     pipe.cmd("XINFO").arg("GROUPS").arg(&names.stream);
     pipe.cmd("XLEN").arg(&names.dead_letters);
-    let replies: Vec<Value> = redis.query_pipeline(&pipe)?;
-    let [summary, groups, dead] = replies.as_slice() else {
-        return Err(unexpected(format!("expected 3 replies, got {replies:?}")));
-    };
-    let (pending, oldest_pending) = parse_pending_summary(summary);
-    Ok(QueueStats {
+}
+
+/// The replies of [`add_stats_cmds`], in order.
+fn parse_stats(replies: &[Value], group: &str) -> QueueStats {
+    let (pending, oldest_pending) = parse_pending_summary(&replies[0]);
+    QueueStats {
         pending,
         oldest_pending,
-        lag: parse_lag(groups, &names.group),
-        dead_letters: match dead {
+        lag: parse_lag(&replies[1], group),
+        dead_letters: match &replies[2] {
             Value::Int(n) => *n as u64,
             _ => 0,
         },
-    })
+    }
 }
 
 /// What one XAUTOCLAIM round took over.
@@ -325,6 +334,10 @@ pub fn autoclaim(
     start: StreamId,
     count: usize,
 ) -> Result<Claimed, RedisError> {
+    parse_claimed(redis.query(&autoclaim_cmd(names, min_idle, start, count))?)
+}
+
+fn autoclaim_cmd(names: &Names, min_idle: Duration, start: StreamId, count: usize) -> redis::Cmd {
     let mut cmd = redis::cmd("XAUTOCLAIM");
     cmd.arg(&names.stream)
         .arg(&names.group)
@@ -333,7 +346,10 @@ pub fn autoclaim(
         .arg(start.to_string())
         .arg("COUNT")
         .arg(count);
-    let reply: Value = redis.query(&cmd)?;
+    cmd
+}
+
+fn parse_claimed(reply: Value) -> Result<Claimed, RedisError> {
     let Value::Array(mut parts) = reply else {
         return Err(unexpected(format!("XAUTOCLAIM answered {reply:?}")));
     };
@@ -359,6 +375,27 @@ pub fn autoclaim(
         vanished,
         next,
     })
+}
+
+/// The reader's periodic round, in one round trip (every reply is a wake-up of an
+/// otherwise idle worker): the first XAUTOCLAIM of entries idle longer than
+/// `min_idle`, and the figures of [`queue_stats`].
+pub fn housekeeping(
+    redis: &mut Redis,
+    names: &Names,
+    min_idle: Duration,
+    count: usize,
+) -> Result<(Claimed, QueueStats), RedisError> {
+    let mut pipe = redis::pipe();
+    pipe.add_command(autoclaim_cmd(names, min_idle, StreamId::default(), count));
+    add_stats_cmds(&mut pipe, names);
+    let mut replies: Vec<Value> = redis.query_pipeline(&pipe)?;
+    if replies.len() != 4 {
+        return Err(unexpected(format!("expected 4 replies, got {replies:?}")));
+    }
+    let stats = parse_stats(&replies[1..], &names.group);
+    let claimed = parse_claimed(replies.swap_remove(0))?;
+    Ok((claimed, stats))
 }
 
 /// How many times each of this consumer's pending entries from `from` to `to` has

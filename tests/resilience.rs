@@ -457,3 +457,75 @@ fn an_acknowledgement_redis_could_not_take_is_written_after_it_returns() {
     let keys: Vec<String> = sink.keys().into_iter().collect();
     assert_eq!(keys, [id]);
 }
+
+#[test]
+fn a_live_instance_keeps_its_parked_entries_from_the_other() {
+    let redis = RedisServer::start();
+    let down = Arc::new(AtomicBool::new(true));
+    let flag = Arc::clone(&down);
+    let sink = Sink::start(move |_| {
+        if flag.load(Ordering::SeqCst) {
+            Reply::status(503)
+        } else {
+            Reply::status(204)
+        }
+    });
+    let mut conn = redis.conn();
+    let env = |name: &str| {
+        env_with(
+            base_env(&redis, &sink),
+            [
+                ("PAHEKO_PUSH_CONSUMER", name),
+                ("PAHEKO_PUSH_CLAIM_IDLE_SECONDS", "3"),
+                ("PAHEKO_PUSH_MAX_RETRIES", "2"),
+                ("PAHEKO_PUSH_BREAKER_THRESHOLD", "0"),
+            ],
+        )
+    };
+    let holder = Worker::spawn(env("instance-a"));
+    let id = publish_ticket(&mut conn, "cs-1", "stuck");
+    holder.wait_for_msg(
+        "not delivered after 2 attempts: parked, stays pending and is tried again later",
+        T,
+    );
+    let other = Worker::spawn(env("instance-b"));
+    // Three claim-idle periods and more, with instance-b looking every 10 s.
+    wait_until(
+        "instance-a retried its parked entry after a claim idle time",
+        T,
+        || {
+            holder
+                .log_lines()
+                .iter()
+                .filter(|l| l["msg"] == "delivery failed, will retry")
+                .count()
+                >= 4
+        },
+    );
+    let owner = || {
+        let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+            .arg(STREAM)
+            .arg(GROUP)
+            .arg("-")
+            .arg("+")
+            .arg(10)
+            .query(&mut redis.conn())
+            .unwrap();
+        rows.into_iter().map(|r| (r.0, r.1)).collect::<Vec<_>>()
+    };
+    wait_until(
+        "instance-b has looked for idle entries at least once",
+        T,
+        || other.health().1["redis"] == "ok" && other.stderr().contains("health server listening"),
+    );
+    std::thread::sleep(Duration::from_secs(11)); // one full housekeeping period of instance-b
+    assert_eq!(owner(), [(id.clone(), "instance-a".to_owned())]);
+    assert!(
+        !other.stderr().contains("taking over entries"),
+        "instance-b took over a live instance's entry"
+    );
+    down.store(false, Ordering::SeqCst);
+    wait_until("delivered", T, || {
+        pending_count(&mut conn, STREAM, GROUP) == 0
+    });
+}
