@@ -27,6 +27,8 @@ pub const COUNT: usize = 128;
 /// figures of /health refreshed, in one round trip: while idle the worker wakes only for
 /// that and its blocked reads.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(10);
+/// How soon after reading entries the queue figures are refreshed.
+const BUSY_REFRESH: Duration = Duration::from_secs(1);
 /// XAUTOCLAIM calls of COUNT entries per look, at most.
 const RECLAIM_ROUNDS: usize = 8;
 /// How often a reader held back by a full acker wakes to ping systemd's watchdog.
@@ -74,8 +76,12 @@ impl Reader {
                     }
                     failures = 0;
                     self.stats.set_redis_ok(true);
-                    if !batch.is_empty() && !self.send(&out, batch) {
-                        return;
+                    if !batch.is_empty() {
+                        // Busy: refresh the figures /health shows soon after, not in 10 s.
+                        housekeeping_at = housekeeping_at.min(Instant::now() + BUSY_REFRESH);
+                        if !self.send(&out, batch) {
+                            return;
+                        }
                     }
                 }
                 Err(e) if store::is_no_group(&e) => {
