@@ -139,22 +139,26 @@ fn chaos(events: usize, sessions: usize, kills: usize) {
     let published = published.lock().unwrap().clone();
     assert_eq!(published.len(), events);
     let received = sink.received();
-    let mut first_accepted: HashMap<String, usize> = HashMap::new();
-    let mut session_order: HashMap<String, Vec<usize>> = HashMap::new();
+    // Per session, the stream IDs in the order they were first accepted. (Stream IDs,
+    // not sale numbers: an XADD whose reply the Redis restart cut off is published again
+    // by the producer, so a sale number can stand in two entries.)
+    let mut first_accepted: HashSet<String> = HashSet::new();
+    let mut session_order: HashMap<String, Vec<(u64, u64)>> = HashMap::new();
     for r in received.iter().filter(|r| accepted(r)) {
         let id = r.idempotency_key().unwrap().to_owned();
-        if first_accepted.insert(id, 0).is_none() {
+        if first_accepted.insert(id.clone()) {
             let sale = sale_of(r);
-            let (session, n) = sale.split_once('/').unwrap();
+            let (session, _) = sale.split_once('/').unwrap();
+            let (ms, seq) = id.split_once('-').unwrap();
             session_order
                 .entry(session.to_owned())
                 .or_default()
-                .push(n.parse().unwrap());
+                .push((ms.parse().unwrap(), seq.parse().unwrap()));
         }
     }
     let lost: Vec<&(String, String, usize)> = published
         .iter()
-        .filter(|(id, _, _)| !first_accepted.contains_key(id))
+        .filter(|(id, _, _)| !first_accepted.contains(id))
         .collect();
     assert!(
         lost.is_empty(),
@@ -169,13 +173,12 @@ fn chaos(events: usize, sessions: usize, kills: usize) {
         );
     }
     let accepted_total = received.iter().filter(|r| accepted(r)).count();
-    let ids: HashSet<&str> = published.iter().map(|(id, _, _)| id.as_str()).collect();
     println!(
         "chaos: {events} events, {sessions} sessions, {kills} kill -9, 1 Redis restart: {} requests, \
          {} accepted, {} duplicate deliveries, 0 lost, in {:.1} s",
         received.len(),
         accepted_total,
-        accepted_total - ids.len(),
+        accepted_total - first_accepted.len(),
         started.elapsed().as_secs_f64()
     );
     assert_eq!(
