@@ -1,26 +1,5 @@
 # Shared by the scripts: installs what they need when it is missing.
 
-# redis-server (and redis-cli) from the system's packages.
-ensure_redis() {
-  if command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; then
-    return
-  fi
-  echo "redis-server is missing: installing it from the system packages" >&2
-  local sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  if command -v apt-get >/dev/null 2>&1; then
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
-  elif command -v dnf >/dev/null 2>&1; then
-    $sudo dnf install -y -q redis
-  elif command -v apk >/dev/null 2>&1; then
-    $sudo apk add --quiet redis
-  else
-    echo "no known package manager: install redis-server by hand" >&2
-    return 1
-  fi
-}
-
 # A command from the system's packages, installed when missing:
 # ensure_command COMMAND APT_PACKAGE DNF_PACKAGE APK_PACKAGE
 ensure_command() {
@@ -53,4 +32,10 @@ ensure_php() {
 # openssl: the TLS tests make a private CA and certificates with it.
 ensure_openssl() {
   ensure_command openssl openssl openssl openssl
+}
+
+# redis-server and redis-cli (Debian's redis-server package brings redis-tools).
+ensure_redis() {
+  ensure_command redis-server redis-server redis redis
+  ensure_command redis-cli redis-tools redis redis
 }

@@ -13,14 +13,7 @@ const T: Duration = Duration::from_secs(20);
 fn health_follows_paheko_and_redis() {
     let mut redis = RedisServer::start();
     let refusing = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&refusing);
-    let sink = Sink::start(move |_| {
-        if flag.load(Ordering::SeqCst) {
-            Reply::status(503)
-        } else {
-            Reply::status(204)
-        }
-    });
+    let sink = Sink::down_while(&refusing);
     let mut conn = redis.conn();
     let worker = Worker::spawn(base_env(&redis, &sink));
 

@@ -154,14 +154,7 @@ fn pending_entries_trimmed_before_delivery_are_reported_as_lost() {
 fn paheko_down_opens_the_breaker_probes_then_drains_when_back() {
     let redis = RedisServer::start();
     let down = Arc::new(AtomicBool::new(true));
-    let flag = Arc::clone(&down);
-    let sink = Sink::start(move |_| {
-        if flag.load(Ordering::SeqCst) {
-            Reply::status(503)
-        } else {
-            Reply::status(204)
-        }
-    });
+    let sink = Sink::down_while(&down);
     let mut conn = redis.conn();
     for n in 0..30 {
         publish_ticket(&mut conn, &format!("cs-{}", n % 10), &format!("sale-{n}"));
@@ -462,14 +455,7 @@ fn an_acknowledgement_redis_could_not_take_is_written_after_it_returns() {
 fn a_live_instance_keeps_its_parked_entries_from_the_other() {
     let redis = RedisServer::start();
     let down = Arc::new(AtomicBool::new(true));
-    let flag = Arc::clone(&down);
-    let sink = Sink::start(move |_| {
-        if flag.load(Ordering::SeqCst) {
-            Reply::status(503)
-        } else {
-            Reply::status(204)
-        }
-    });
+    let sink = Sink::down_while(&down);
     let mut conn = redis.conn();
     let env = |name: &str| {
         env_with(

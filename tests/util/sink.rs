@@ -177,6 +177,18 @@ impl Sink {
         }
     }
 
+    /// A plugin that is down while `down` is set: 503 to everything, else 204.
+    pub fn down_while(down: &std::sync::Arc<std::sync::atomic::AtomicBool>) -> Sink {
+        let down = std::sync::Arc::clone(down);
+        Sink::start(move |_| {
+            if down.load(std::sync::atomic::Ordering::SeqCst) {
+                Reply::status(503)
+            } else {
+                Reply::status(204)
+            }
+        })
+    }
+
     /// A sink that answers 204 No Content to everything.
     pub fn ok() -> Sink {
         Sink::start(|_| Reply::status(204))
