@@ -139,22 +139,7 @@ fn a_restart_takes_back_its_own_pending_entries_first_in_order() {
     let old: Vec<String> = (0..3)
         .map(|n| publish_ticket(&mut conn, "cs-1", &format!("old-{n}")))
         .collect();
-    let _: redis::Value = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(STREAM)
-        .arg(GROUP)
-        .arg("0")
-        .query(&mut conn)
-        .unwrap();
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(GROUP)
-        .arg("test-worker")
-        .arg("STREAMS")
-        .arg(STREAM)
-        .arg(">")
-        .query(&mut conn)
-        .unwrap();
+    read_as(&mut conn, "test-worker");
     let new = publish_ticket(&mut conn, "cs-1", "new");
     let _worker = Worker::spawn(base_env(&redis, &sink));
     let received = sink.wait_for_count(4, T);

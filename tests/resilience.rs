@@ -19,28 +19,6 @@ fn cmd(conn: &mut redis::Connection, args: &[&str]) -> redis::Value {
     c.query(conn).unwrap_or_else(|e| panic!("{args:?}: {e}"))
 }
 
-/// Has `consumer` read every entry now in the stream, as a crashed instance would have.
-fn read_as(conn: &mut redis::Connection, consumer: &str) {
-    let _ = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(STREAM)
-        .arg(GROUP)
-        .arg("0")
-        .query::<redis::Value>(conn);
-    cmd(
-        conn,
-        &[
-            "XREADGROUP",
-            "GROUP",
-            GROUP,
-            consumer,
-            "STREAMS",
-            STREAM,
-            ">",
-        ],
-    );
-}
-
 fn accepted_order(sink: &Sink, accepted: impl Fn(&Received) -> bool) -> Vec<String> {
     let mut seen = HashSet::new();
     sink.received()

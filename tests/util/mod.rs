@@ -204,3 +204,23 @@ pub fn sale_of(r: &Received) -> String {
         .unwrap_or_default()
         .to_owned()
 }
+
+/// Has `consumer` read every entry now in the stream (creating the group at 0 if
+/// needed), leaving them pending, as a crashed instance would have.
+pub fn read_as(conn: &mut redis::Connection, consumer: &str) {
+    let _ = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(STREAM)
+        .arg(GROUP)
+        .arg("0")
+        .query::<redis::Value>(conn);
+    redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(GROUP)
+        .arg(consumer)
+        .arg("STREAMS")
+        .arg(STREAM)
+        .arg(">")
+        .query::<redis::Value>(conn)
+        .unwrap_or_else(|e| panic!("XREADGROUP as {consumer}: {e}"));
+}

@@ -285,13 +285,8 @@ fn percent_encode(text: &str, keep: &[u8]) -> String {
 
 /// `XADD stream * field value …` with text values; returns the new entry's id.
 pub fn xadd(conn: &mut redis::Connection, stream: &str, fields: &[(&str, &str)]) -> String {
-    let mut cmd = redis::cmd("XADD");
-    cmd.arg(stream).arg("*");
-    for (field, value) in fields {
-        cmd.arg(*field).arg(*value);
-    }
-    cmd.query(conn)
-        .unwrap_or_else(|e| panic!("XADD {stream}: {e}"))
+    let fields: Vec<(&str, &[u8])> = fields.iter().map(|(f, v)| (*f, v.as_bytes())).collect();
+    xadd_bytes(conn, stream, &fields)
 }
 
 /// `XADD stream * field value …` with raw byte values (invalid UTF-8, huge payloads…);
