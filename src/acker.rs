@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, never, select};
 
 use crate::event::{Event, Incoming, StreamId};
-use crate::health::Stats;
 use crate::order::Lanes;
 use crate::pusher::{Done, Outcome};
 use crate::shutdown::Shutdown;
+use crate::stats::Stats;
 use crate::store::{self, DeadLetter, Names, Redis};
 
 /// The most events held in memory at once (in flight, parked or waiting behind their

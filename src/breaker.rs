@@ -10,8 +10,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::config::RetryConfig;
-use crate::health::Stats;
 use crate::shutdown::Shutdown;
+use crate::stats::Stats;
 
 /// How often a waiting pusher looks at the stop flag.
 const STOP_CHECK: Duration = Duration::from_millis(250);

@@ -1,116 +1,60 @@
-//! What the worker is doing, for people and monitors: the counters every thread
-//! updates ([`Stats`], atomics only, never a lock on the delivery path) and the
-//! tiny_http server that shows them at GET /health. It reads counters, never Redis, so
-//! a slow Redis cannot make the health check hang. Nothing secret is ever in them.
+//! GET /health and the tiny_http server behind it (which also serves
+//! [`crate::metrics`]): the document people and monitors read, made from the counters
+//! of [`Stats`]. It reads counters, never Redis, so a slow Redis cannot make the health
+//! check hang. Nothing secret is ever in them.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::thread::JoinHandle;
 
 use serde_json::json;
 
-/// Consecutive failed attempts after which `push_worker` reads `error`.
-pub const FAILURES_BEFORE_ERROR: u64 = 3;
+use crate::stats::{FAILURES_BEFORE_ERROR, Stats};
 
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub configured: AtomicBool,
-    pub redis_ok: AtomicBool,
-    /// Unix seconds of the last delivery, 0 for none yet.
-    pub last_success_at: AtomicU64,
-    /// Failed HTTP attempts since the last delivery.
-    pub consecutive_failures: AtomicU64,
-    /// Entries of the group read but not acknowledged, as Redis last said.
-    pub pending: AtomicU64,
-    pub delivered: AtomicU64,
-    pub retried: AtomicU64,
-    pub dead_lettered: AtomicU64,
-    pub invalid: AtomicU64,
-    /// Events whose in-line retries ran out, waiting to be tried again.
-    pub parked: AtomicU64,
-    /// Pending entries that were trimmed from the stream before delivery.
-    pub lost_to_trim: AtomicU64,
-    /// Unix seconds since the circuit breaker opened; 0 while Paheko answers.
-    pub paheko_down_since: AtomicU64,
-    /// Entries in the stream the group has not read yet (XINFO GROUPS lag).
-    pub lag: AtomicU64,
-    /// Backlog (pending + lag) above which /health warns; 0 never warns.
-    pub backlog_warn: AtomicU64,
-    /// Age of the oldest unacknowledged entry, from its ID's time stamp.
-    pub oldest_pending_age_seconds: AtomicU64,
-    /// Length of the dead-letter stream.
-    pub dead_letters: AtomicU64,
-    pub request_duration: crate::metrics::Histogram,
-}
-
-impl Stats {
-    pub fn record_success(&self) {
-        self.delivered.fetch_add(1, Relaxed);
-        self.consecutive_failures.store(0, Relaxed);
-        self.last_success_at
-            .store(crate::clock::unix_now(), Relaxed);
-    }
-
-    pub fn record_failure(&self) {
-        self.consecutive_failures.fetch_add(1, Relaxed);
-    }
-
-    pub fn set_redis_ok(&self, ok: bool) {
-        self.redis_ok.store(ok, Relaxed);
-    }
-
-    /// Whether pending plus unread entries passed the warning level: the producer
-    /// trims at 10,000, so past that tickets start to be lost.
-    pub fn backlog_warning(&self) -> bool {
-        let warn = self.backlog_warn.load(Relaxed);
-        warn > 0 && self.pending.load(Relaxed) + self.lag.load(Relaxed) > warn
-    }
-
-    /// The /health document and its HTTP status.
-    pub fn health(&self) -> (u16, serde_json::Value) {
-        let redis_ok = self.redis_ok.load(Relaxed);
-        let failures = self.consecutive_failures.load(Relaxed);
-        let push_worker = if !self.configured.load(Relaxed) {
-            "unconfigured"
-        } else if failures >= FAILURES_BEFORE_ERROR {
-            "error"
-        } else {
-            "ok"
-        };
-        let lost = self.lost_to_trim.load(Relaxed);
-        let down_since = self.paheko_down_since.load(Relaxed);
-        let backlog_warning = self.backlog_warning();
-        let status = if !redis_ok {
-            "error"
-        } else if push_worker != "ok" || lost > 0 || down_since != 0 || backlog_warning {
-            "degraded"
-        } else {
-            "ok"
-        };
-        let last = self.last_success_at.load(Relaxed);
-        let doc = json!({
-            "status": status,
-            "redis": if redis_ok { "ok" } else { "error" },
-            "push_worker": push_worker,
-            "last_success_at": if last == 0 { None } else { Some(last) },
-            "pending": self.pending.load(Relaxed),
-            "consecutive_failures": failures,
-            "delivered": self.delivered.load(Relaxed),
-            "retried": self.retried.load(Relaxed),
-            "dead_lettered": self.dead_lettered.load(Relaxed),
-            "invalid": self.invalid.load(Relaxed),
-            "parked": self.parked.load(Relaxed),
-            "lost_to_trim": lost,
-            "paheko": if down_since == 0 { "up" } else { "down" },
-            "paheko_down_since": if down_since == 0 { None } else { Some(down_since) },
-            "lag": self.lag.load(Relaxed),
-            "backlog_warning": backlog_warning,
-            "oldest_pending_age_seconds": self.oldest_pending_age_seconds.load(Relaxed),
-            "dead_letters": self.dead_letters.load(Relaxed),
-            "version": env!("CARGO_PKG_VERSION"),
-        });
-        (if status == "error" { 503 } else { 200 }, doc)
-    }
+/// The /health document and its HTTP status.
+pub fn document(s: &Stats) -> (u16, serde_json::Value) {
+    let redis_ok = s.redis_ok.load(Relaxed);
+    let failures = s.consecutive_failures.load(Relaxed);
+    let push_worker = if !s.configured.load(Relaxed) {
+        "unconfigured"
+    } else if failures >= FAILURES_BEFORE_ERROR {
+        "error"
+    } else {
+        "ok"
+    };
+    let lost = s.lost_to_trim.load(Relaxed);
+    let down_since = s.paheko_down_since.load(Relaxed);
+    let backlog_warning = s.backlog_warning();
+    let status = if !redis_ok {
+        "error"
+    } else if push_worker != "ok" || lost > 0 || down_since != 0 || backlog_warning {
+        "degraded"
+    } else {
+        "ok"
+    };
+    let last = s.last_success_at.load(Relaxed);
+    let doc = json!({
+        "status": status,
+        "redis": if redis_ok { "ok" } else { "error" },
+        "push_worker": push_worker,
+        "last_success_at": if last == 0 { None } else { Some(last) },
+        "pending": s.pending.load(Relaxed),
+        "consecutive_failures": failures,
+        "delivered": s.delivered.load(Relaxed),
+        "retried": s.retried.load(Relaxed),
+        "dead_lettered": s.dead_lettered.load(Relaxed),
+        "invalid": s.invalid.load(Relaxed),
+        "parked": s.parked.load(Relaxed),
+        "lost_to_trim": lost,
+        "paheko": if down_since == 0 { "up" } else { "down" },
+        "paheko_down_since": if down_since == 0 { None } else { Some(down_since) },
+        "lag": s.lag.load(Relaxed),
+        "backlog_warning": backlog_warning,
+        "oldest_pending_age_seconds": s.oldest_pending_age_seconds.load(Relaxed),
+        "dead_letters": s.dead_letters.load(Relaxed),
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    (if status == "error" { 503 } else { 200 }, doc)
 }
 
 /// The running health server; [`Server::stop`] ends its thread.
@@ -140,7 +84,7 @@ pub fn serve(addr: &str, stats: Arc<Stats>) -> std::io::Result<Server> {
             for request in serving.incoming_requests() {
                 let (status, body, content_type) = match (request.method(), request.url()) {
                     (tiny_http::Method::Get, "/health") => {
-                        let (status, doc) = stats.health();
+                        let (status, doc) = document(&stats);
                         (status, doc.to_string(), "application/json")
                     }
                     (tiny_http::Method::Get, "/metrics") => (
@@ -181,7 +125,7 @@ mod tests {
     #[test]
     fn ok_until_failures_pile_up() {
         let s = stats();
-        let (code, doc) = s.health();
+        let (code, doc) = document(&s);
         assert_eq!(
             (code, doc["status"].as_str(), doc["push_worker"].as_str()),
             (200, Some("ok"), Some("ok"))
@@ -190,13 +134,13 @@ mod tests {
         for _ in 0..FAILURES_BEFORE_ERROR {
             s.record_failure();
         }
-        let (code, doc) = s.health();
+        let (code, doc) = document(&s);
         assert_eq!(
             (code, doc["status"].as_str(), doc["push_worker"].as_str()),
             (200, Some("degraded"), Some("error"))
         );
         s.record_success();
-        let (_, doc) = s.health();
+        let (_, doc) = document(&s);
         assert_eq!(doc["push_worker"], "ok");
         assert!(doc["last_success_at"].as_u64().unwrap() > 1_700_000_000);
     }
@@ -205,7 +149,7 @@ mod tests {
     fn redis_down_is_an_error() {
         let s = stats();
         s.set_redis_ok(false);
-        let (code, doc) = s.health();
+        let (code, doc) = document(&s);
         assert_eq!(
             (code, doc["status"].as_str(), doc["redis"].as_str()),
             (503, Some("error"), Some("error"))
@@ -216,14 +160,14 @@ mod tests {
     fn unconfigured_and_lost_entries_degrade() {
         let s = stats();
         s.configured.store(false, Relaxed);
-        assert_eq!(s.health().1["push_worker"], "unconfigured");
-        assert_eq!(s.health().1["status"], "degraded");
+        assert_eq!(document(&s).1["push_worker"], "unconfigured");
+        assert_eq!(document(&s).1["status"], "degraded");
         let s = stats();
         s.lost_to_trim.store(1, Relaxed);
-        assert_eq!(s.health().1["status"], "degraded");
+        assert_eq!(document(&s).1["status"], "degraded");
         let s = stats();
         s.paheko_down_since.store(1_800_000_000, Relaxed);
-        let (code, doc) = s.health();
+        let (code, doc) = document(&s);
         assert_eq!(
             (
                 code,
@@ -237,9 +181,9 @@ mod tests {
         s.backlog_warn.store(8000, Relaxed);
         s.pending.store(100, Relaxed);
         s.lag.store(7900, Relaxed);
-        assert_eq!(s.health().1["backlog_warning"], false);
+        assert_eq!(document(&s).1["backlog_warning"], false);
         s.lag.store(7901, Relaxed);
-        assert_eq!(s.health().1["backlog_warning"], true);
-        assert_eq!(s.health().1["status"], "degraded");
+        assert_eq!(document(&s).1["backlog_warning"], true);
+        assert_eq!(document(&s).1["status"], "degraded");
     }
 }

@@ -28,6 +28,7 @@ pub mod reader;
 pub mod retry;
 pub mod shutdown;
 pub mod sign;
+pub mod stats;
 pub mod store;
 
 use std::sync::Arc;
@@ -37,8 +38,8 @@ use std::thread;
 pub use error::Error;
 
 use config::{Config, Raw};
-use health::Stats;
 use shutdown::Shutdown;
+use stats::Stats;
 use store::{Names, Redis};
 
 /// The program: reads the configuration, then runs the command the arguments name.

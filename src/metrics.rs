@@ -4,34 +4,8 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
 
-use crate::health::Stats;
-
-/// Upper bounds of the request-duration buckets, in seconds.
-const BUCKETS: [f64; 12] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
-
-/// A cumulative histogram of HTTP request durations, lock-free.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    /// Per bucket (not cumulative), the last one for everything above the largest bound.
-    counts: [AtomicU64; BUCKETS.len() + 1],
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let at = BUCKETS
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(BUCKETS.len());
-        self.counts[at].fetch_add(1, Relaxed);
-        self.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
-    }
-}
+use crate::stats::{BUCKETS, Stats};
 
 /// The text exposition of `stats`.
 pub fn render(stats: &Stats) -> String {

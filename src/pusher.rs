@@ -12,9 +12,9 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::breaker::Breaker;
 use crate::config::{CaFile, Plugin, RetryConfig};
 use crate::event::Event;
-use crate::health::Stats;
 use crate::retry::{Verdict, classify};
 use crate::shutdown::Shutdown;
+use crate::stats::Stats;
 
 pub const USER_AGENT: &str = concat!("paheko-push/", env!("CARGO_PKG_VERSION"));
 

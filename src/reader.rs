@@ -13,8 +13,8 @@ use crossbeam_channel::{SendTimeoutError, Sender};
 use redis::RedisError;
 
 use crate::event::{Entry, Event, Incoming, StreamId};
-use crate::health::Stats;
 use crate::shutdown::Shutdown;
+use crate::stats::Stats;
 use crate::store::{self, Cursor, Names, Redis};
 
 /// The longest a read blocks, so a stop is noticed within it.

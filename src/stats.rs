@@ -1,0 +1,89 @@
+//! The counters every thread updates and /health and /metrics read: atomics only,
+//! never a lock on the delivery path, and nothing secret in them. [`crate::health`]
+//! turns them into the /health document, [`crate::metrics`] into Prometheus text.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Consecutive failed attempts after which `push_worker` reads `error`.
+pub const FAILURES_BEFORE_ERROR: u64 = 3;
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub configured: AtomicBool,
+    pub redis_ok: AtomicBool,
+    /// Unix seconds of the last delivery, 0 for none yet.
+    pub last_success_at: AtomicU64,
+    /// Failed HTTP attempts since the last delivery.
+    pub consecutive_failures: AtomicU64,
+    /// Entries of the group read but not acknowledged, as Redis last said.
+    pub pending: AtomicU64,
+    pub delivered: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub invalid: AtomicU64,
+    /// Events whose in-line retries ran out, waiting to be tried again.
+    pub parked: AtomicU64,
+    /// Pending entries that were trimmed from the stream before delivery.
+    pub lost_to_trim: AtomicU64,
+    /// Unix seconds since the circuit breaker opened; 0 while Paheko answers.
+    pub paheko_down_since: AtomicU64,
+    /// Entries in the stream the group has not read yet (XINFO GROUPS lag).
+    pub lag: AtomicU64,
+    /// Backlog (pending + lag) above which /health warns; 0 never warns.
+    pub backlog_warn: AtomicU64,
+    /// Age of the oldest unacknowledged entry, from its ID's time stamp.
+    pub oldest_pending_age_seconds: AtomicU64,
+    /// Length of the dead-letter stream.
+    pub dead_letters: AtomicU64,
+    pub request_duration: Histogram,
+}
+
+impl Stats {
+    pub fn record_success(&self) {
+        self.delivered.fetch_add(1, Relaxed);
+        self.consecutive_failures.store(0, Relaxed);
+        self.last_success_at
+            .store(crate::clock::unix_now(), Relaxed);
+    }
+
+    pub fn record_failure(&self) {
+        self.consecutive_failures.fetch_add(1, Relaxed);
+    }
+
+    pub fn set_redis_ok(&self, ok: bool) {
+        self.redis_ok.store(ok, Relaxed);
+    }
+
+    /// Whether pending plus unread entries passed the warning level: the producer
+    /// trims at 10,000, so past that tickets start to be lost.
+    pub fn backlog_warning(&self) -> bool {
+        let warn = self.backlog_warn.load(Relaxed);
+        warn > 0 && self.pending.load(Relaxed) + self.lag.load(Relaxed) > warn
+    }
+}
+
+/// Upper bounds of the request-duration buckets, in seconds.
+pub const BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// A cumulative histogram of HTTP request durations, lock-free.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Per bucket (not cumulative), the last one for everything above the largest bound.
+    pub counts: [AtomicU64; BUCKETS.len() + 1],
+    pub sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let at = BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS.len());
+        self.counts[at].fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+}
