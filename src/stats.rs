@@ -36,6 +36,9 @@ pub struct Stats {
     pub oldest_pending_age_seconds: AtomicU64,
     /// Length of the dead-letter stream.
     pub dead_letters: AtomicU64,
+    /// `trimmed` records in the dead-letter stream (tickets lost before they were
+    /// read), as the reader last counted them; /health stays degraded while any remain.
+    pub trimmed_records: AtomicU64,
     pub request_duration: Histogram,
 }
 
