@@ -329,7 +329,10 @@ impl DeadEntry {
             self.original
                 .iter()
                 .find(|(n, _)| n == name.as_bytes())
-                .map_or_else(|| "?".into(), |(_, v)| String::from_utf8_lossy(v).into_owned())
+                .map_or_else(
+                    || "?".into(),
+                    |(_, v)| String::from_utf8_lossy(v).into_owned(),
+                )
         };
         (get("count"), get("after_id"), get("before_id"))
     }
@@ -539,7 +542,11 @@ impl Tools<'_> {
                      those tickets in Paheko by hand, then drop the record)",
                     ids.join(", "),
                     self.dead,
-                    if ids.len() == 1 { "is a record" } else { "are records" },
+                    if ids.len() == 1 {
+                        "is a record"
+                    } else {
+                        "are records"
+                    },
                     self.stream
                 )));
             }

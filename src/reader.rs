@@ -183,10 +183,7 @@ impl Reader {
                 if !pending.is_empty() {
                     log::info!(entries = pending.len(); "taking back this consumer's pending entries");
                 }
-                let counts = pending
-                    .iter()
-                    .map(|p| (p.entry.id, p.deliveries))
-                    .collect();
+                let counts = pending.iter().map(|p| (p.entry.id, p.deliveries)).collect();
                 let entries = pending.into_iter().map(|p| p.entry).collect();
                 Ok(self.incoming(entries, &counts))
             }

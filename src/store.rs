@@ -229,7 +229,11 @@ pub fn is_no_group(e: &RedisError) -> bool {
 /// and the stream with it when absent. An existing group is left as it is. On Redis 7
 /// the group starts with an entries-read counter of 0, so that entries trimmed before
 /// its first read are counted too.
-pub fn ensure_group(redis: &mut Redis, names: &Names, support: Support) -> Result<bool, RedisError> {
+pub fn ensure_group(
+    redis: &mut Redis,
+    names: &Names,
+    support: Support,
+) -> Result<bool, RedisError> {
     let mut cmd = redis::cmd("XGROUP");
     cmd.arg("CREATE")
         .arg(&names.stream)
@@ -719,8 +723,7 @@ fn add_stats_cmds(pipe: &mut redis::Pipeline, names: &Names) {
     pipe.cmd("XPENDING").arg(&names.stream).arg(&names.group);
     pipe.cmd("XINFO").arg("GROUPS").arg(&names.stream);
     pipe.cmd("XLEN").arg(&names.dead_letters);
-    pipe.cmd("SMEMBERS")
-        .arg(trimmed_key(&names.dead_letters));
+    pipe.cmd("SMEMBERS").arg(trimmed_key(&names.dead_letters));
 }
 
 /// The replies of [`add_stats_cmds`], in order.
@@ -994,7 +997,14 @@ mod tests {
     fn the_version_is_read_from_info() {
         let info = "# Server\r\nredis_version:7.2.4\r\nredis_git_sha1:00000000\r\n";
         assert_eq!(version_in_info(info), Ok(v("7.2.4")));
-        assert_eq!(v("6.2.7-rc1"), Version { major: 6, minor: 2, patch: 7 });
+        assert_eq!(
+            v("6.2.7-rc1"),
+            Version {
+                major: 6,
+                minor: 2,
+                patch: 7
+            }
+        );
         assert!(version_in_info("# Server\r\n").is_err());
         assert!("seven".parse::<Version>().is_err());
         assert!("7".parse::<Version>().is_err());

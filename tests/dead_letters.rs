@@ -730,7 +730,10 @@ fn a_dead_letter_redis_refuses_leaves_the_ticket_pending_until_it_can_be_written
     let id = xadd(
         &mut conn,
         STREAM,
-        &[("event", "pos.ticket.created"), ("payload", REFUSED_PAYLOAD)],
+        &[
+            ("event", "pos.ticket.created"),
+            ("payload", REFUSED_PAYLOAD),
+        ],
     );
     let env = env_with(
         base_env(&redis, &sink),

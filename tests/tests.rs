@@ -16,6 +16,6 @@ mod resilience;
 mod signing;
 mod systemd;
 mod tls;
-mod trim;
 #[path = "util/tls_sink.rs"]
 mod tls_sink;
+mod trim;

@@ -162,7 +162,9 @@ fn a_backlog_trimmed_while_the_worker_was_stopped_is_counted_exactly() {
     let refused = dead(&["replay", &record]);
     assert_eq!(refused.code(), Some(5), "{refused:?}");
     assert!(
-        refused.stderr.contains("there is no payload to replay; nothing was changed"),
+        refused
+            .stderr
+            .contains("there is no payload to replay; nothing was changed"),
         "{refused:?}"
     );
     let all = dead(&["replay", "--all"]);
@@ -184,8 +186,15 @@ fn a_backlog_trimmed_while_the_worker_was_stopped_is_counted_exactly() {
             .contains("1 of them of tickets trimmed before they were read"),
         "{check:?}"
     );
-    let redis_line = check.stdout.lines().find(|l| l.contains(" redis ")).unwrap();
-    assert!(redis_line.starts_with("ok "), "Redis 7 counts: {redis_line}");
+    let redis_line = check
+        .stdout
+        .lines()
+        .find(|l| l.contains(" redis "))
+        .unwrap();
+    assert!(
+        redis_line.starts_with("ok "),
+        "Redis 7 counts: {redis_line}"
+    );
 
     // Dropped once the tickets are entered by hand: no record left to count.
     assert_eq!(dead(&["drop", &record]).code(), Some(0));
