@@ -163,7 +163,7 @@ impl Reader {
             log::info!(stream = self.names.stream.as_str(), group = self.names.group.as_str();
                 "consumer group created");
         }
-        Ok(())
+        store::ensure_consumer(&mut self.redis, &self.names)
     }
 
     /// One read: this consumer's pending entries after the cursor, or new ones.

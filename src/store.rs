@@ -250,6 +250,18 @@ pub fn ensure_group(
     }
 }
 
+/// Makes this consumer known to the group (XGROUP CREATECONSUMER, Redis 6.2), so that
+/// XINFO CONSUMERS shows the worker as soon as it is ready: a non-blocking XREADGROUP
+/// that finds nothing, as [`read_new`]'s, does not create it.
+pub fn ensure_consumer(redis: &mut Redis, names: &Names) -> Result<(), RedisError> {
+    let mut cmd = redis::cmd("XGROUP");
+    cmd.arg("CREATECONSUMER")
+        .arg(&names.stream)
+        .arg(&names.group)
+        .arg(&names.consumer);
+    redis.query::<i64>(&cmd).map(|_| ())
+}
+
 /// Where a read starts: this consumer's own pending entries after an ID, or new ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cursor {
