@@ -10,8 +10,9 @@
 //! trimmed before the group read them, and records each such gap as one `trimmed` dead
 //! letter, in the same script as the read ([`store::read_new`]); the reader decides
 //! this alone, since only the read can tell, and logs it. When nothing is left to read
-//! it waits for the stream to grow with a plain XREAD, never with a blocking
-//! XREADGROUP that would skip that count.
+//! it waits for the stream to grow with a plain XREAD (which leaves the group alone),
+//! then reads with the script: never with a blocking XREADGROUP, which would deliver
+//! what arrived meanwhile without that count.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -65,6 +66,9 @@ struct Server {
     warned: Option<store::Version>,
     /// Whether the "cannot count trimmed entries" warning was given.
     warned_uncounted: bool,
+    /// Set when the last read found the group caught up: the group's last-delivered
+    /// ID, to wait from for the stream to grow before reading again.
+    caught_up_at: Option<StreamId>,
 }
 
 impl Reader {
@@ -120,6 +124,7 @@ impl Reader {
                     log::warn!(stream = self.names.stream.as_str(), group = self.names.group.as_str();
                         "the stream or its consumer group is gone (Redis restarted empty?): recreating it");
                     group_ready = false;
+                    server.caught_up_at = None;
                     cursor = Cursor::Pending(StreamId::default());
                 }
                 Err(e) => {
@@ -130,6 +135,7 @@ impl Reader {
                     failures += 1;
                     group_ready = false;
                     server.support = None;
+                    server.caught_up_at = None;
                     // The reply may have been lost after Redis delivered entries to us:
                     // they are in our pending list, so read that again first.
                     cursor = Cursor::Pending(StreamId::default());
@@ -188,6 +194,12 @@ impl Reader {
                 Ok(self.incoming(entries, &counts))
             }
             Cursor::New if server.support == Some(Support::Full) => {
+                if let Some(after) = server.caught_up_at {
+                    if !store::wait_for_new(&mut self.redis, &self.names, after, BLOCK)? {
+                        return Ok(Vec::new());
+                    }
+                    server.caught_up_at = None;
+                }
                 let new = store::read_new(&mut self.redis, &self.names, COUNT)?;
                 if let Some(t) = new.trimmed {
                     self.stats.lost_to_trim.fetch_add(t.count, Relaxed);
@@ -203,7 +215,7 @@ impl Reader {
                         "the group's entries-read counter is unknown (moved with XGROUP SETID, or entries deleted with XDEL): entries trimmed before they were read cannot be counted this time");
                 }
                 if new.entries.is_empty() {
-                    store::wait_for_new(&mut self.redis, &self.names, new.last_delivered, BLOCK)?;
+                    server.caught_up_at = Some(new.last_delivered);
                 }
                 Ok(self.incoming(new.entries, &HashMap::new()))
             }
