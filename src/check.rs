@@ -217,7 +217,7 @@ fn redis_checks(config: &Config) -> Vec<Line> {
             Status::Warn,
             "dead letters",
             format!(
-                "{dead}: {n} records, {t} of them of tickets trimmed before they were read \
+                "{dead}: {n} in all, of which {t} for tickets trimmed before they were read \
                  (lost: see `paheko-push dead list`)"
             ),
         ),

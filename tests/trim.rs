@@ -183,7 +183,7 @@ fn a_backlog_trimmed_while_the_worker_was_stopped_is_counted_exactly() {
     assert!(
         check
             .stdout
-            .contains("1 of them of tickets trimmed before they were read"),
+            .contains("1 in all, of which 1 for tickets trimmed before they were read"),
         "{check:?}"
     );
     let redis_line = check
