@@ -256,7 +256,15 @@ fn group_check(redis: &mut Redis, config: &Config) -> Line {
                 ),
             ),
             Some(g) => {
-                let backlog = match g.lag {
+                let names = store::Names {
+                    stream: config.stream.clone(),
+                    group: config.group.clone(),
+                    consumer: config.consumer.clone(),
+                    dead_letters: config.dead_letter_stream.clone(),
+                };
+                // The worker's own count when it has one (exact after a trimmed gap).
+                let lag = store::group_lag(redis, &names).unwrap_or(g.lag.map(|l| l as u64));
+                let backlog = match lag {
                     Some(lag) => format!("backlog {lag}"),
                     None => "backlog unknown (entries were deleted)".to_string(),
                 };

@@ -165,7 +165,7 @@ impl Reader {
         if support == Support::TooOld {
             return Ok(());
         }
-        if store::ensure_group(&mut self.redis, &self.names, support)? {
+        if store::ensure_group(&mut self.redis, &self.names)? {
             log::info!(stream = self.names.stream.as_str(), group = self.names.group.as_str();
                 "consumer group created");
         }

@@ -226,23 +226,14 @@ pub fn is_no_group(e: &RedisError) -> bool {
 }
 
 /// Creates the group at ID 0 (so entries written before the first start are delivered),
-/// and the stream with it when absent. An existing group is left as it is. On Redis 7
-/// the group starts with an entries-read counter of 0, so that entries trimmed before
-/// its first read are counted too.
-pub fn ensure_group(
-    redis: &mut Redis,
-    names: &Names,
-    support: Support,
-) -> Result<bool, RedisError> {
+/// and the stream with it when absent. An existing group is left as it is.
+pub fn ensure_group(redis: &mut Redis, names: &Names) -> Result<bool, RedisError> {
     let mut cmd = redis::cmd("XGROUP");
     cmd.arg("CREATE")
         .arg(&names.stream)
         .arg(&names.group)
         .arg("0")
         .arg("MKSTREAM");
-    if support == Support::Full {
-        cmd.arg("ENTRIESREAD").arg(0);
-    }
     match redis.query::<()>(&cmd) {
         Ok(()) => Ok(true),
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
@@ -332,18 +323,26 @@ pub struct NewEntries {
 }
 
 /// The Redis 7 read of new entries, one script so that nothing can slip in between:
-/// compares XINFO STREAM (entries-added, length, first entry) with the group's
-/// entries-read and last-delivered-id; when entries after the group's last read are no
-/// longer in the stream, it writes one `trimmed` dead letter (`count`, `after_id`,
-/// `before_id`), remembers it in the set of [`trimmed_key`], corrects the group's
-/// entries-read counter (which Redis would otherwise leave short by the gap, making
-/// the next gap uncountable), and only then runs a non-blocking XREADGROUP. Checking in
-/// one round trip and reading in another would leave a window in which the producer
-/// trims and the read jumps the gap unseen.
+/// compares XINFO STREAM (entries-added, length, first entry) with how many entries
+/// the stream had received when the group last read (its last-delivered-id); when
+/// entries after the group's last read are no longer in the stream, it writes one
+/// `trimmed` dead letter (`count`, `after_id`, `before_id`) and remembers it in the set
+/// of [`trimmed_key`]; only then does it run a non-blocking XREADGROUP, and it records
+/// the new count beside the group ([`read_count_key`]). Checking in one round trip and
+/// reading in another would leave a window in which the producer trims and the read
+/// jumps the gap unseen.
+///
+/// The count is our own rather than the group's entries-read: Redis 7.0 does not carry
+/// entries-read through an AOF reload or to a replica (it replays the reads as XCLAIMs
+/// that move the group without it), and leaves it short by the gap after a read that
+/// jumped one, so the next gap would be miscounted. Ours is written with the ID it
+/// belongs to, so a count that does not match the group's position is never used:
+/// without it, the count is known only at `0-0` and when the group has read the
+/// stream's last entry.
 static READ_NEW: LazyLock<Script> = LazyLock::new(|| Script::new(READ_NEW_LUA));
 
 const READ_NEW_LUA: &str = r#"
-local stream, dead, trimmed = KEYS[1], KEYS[2], KEYS[3]
+local stream, dead, trimmed, counter = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, consumer, count, dead_at = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if redis.call('EXISTS', stream) == 0 then
   return redis.error_reply('NOGROUP no stream ' .. stream)
@@ -370,17 +369,23 @@ end
 if not g then
   return redis.error_reply('NOGROUP no group ' .. group .. ' on ' .. stream)
 end
-local last, read = g['last-delivered-id'], g['entries-read']
--- A group at 0-0 has read nothing, whatever Redis says of its counter.
-if not read and last == '0-0' then read = 0 end
+local last = g['last-delivered-id']
 local s = map(redis.call('XINFO', 'STREAM', stream))
+local added, length, newest = s['entries-added'], s['length'], s['last-generated-id']
+-- How many entries the stream had received up to `last`: our own count, kept beside
+-- the group with the ID it belongs to, or what is exact without it.
+local mark = redis.call('HMGET', counter, 'id', 'read')
+local read
+if mark[1] == last then read = tonumber(mark[2])
+elseif last == '0-0' then read = 0
+elseif last == newest then read = added end
 local first = s['first-entry']
 local gap, counted = {}, 1
 if first and before(last, first[1]) then
   if not read then
     counted = 0
   else
-    local lost = s['entries-added'] - s['length'] - read
+    local lost = added - length - read
     if lost > 0 then
       for _, key in ipairs({{dead, 'stream'}, {trimmed, 'set'}}) do
         local t = redis.call('TYPE', key[1])['ok']
@@ -396,9 +401,8 @@ if first and before(last, first[1]) then
         'before_id', first[1], 'original_id', '', 'reason', 'trimmed', 'status', '',
         'attempts', 0, 'dead_at', dead_at, 'detail', detail)
       redis.call('SADD', trimmed, id)
-      redis.call('XGROUP', 'SETID', stream, group, last, 'ENTRIESREAD',
-        s['entries-added'] - s['length'])
       gap = {lost, last, first[1], id}
+      read = added - length
     end
   end
 end
@@ -406,6 +410,17 @@ local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count,
   'STREAMS', stream, '>')
 local entries = {}
 if reply then entries = reply[1][2] end
+if #entries > 0 then
+  local now = entries[#entries][1]
+  if now == newest then
+    redis.call('HSET', counter, 'id', now, 'read', added)
+  elseif read and not before(last, s['max-deleted-entry-id']) then
+    -- Nothing deleted after `last`: what was read is all the stream received since.
+    redis.call('HSET', counter, 'id', now, 'read', read + #entries)
+  elseif mark[1] then
+    redis.call('DEL', counter)
+  end
+end
 return {entries, last, gap, counted}
 "#;
 
@@ -418,6 +433,7 @@ pub fn read_new(redis: &mut Redis, names: &Names, count: usize) -> Result<NewEnt
     call.key(&names.stream)
         .key(&names.dead_letters)
         .key(trimmed_key(&names.dead_letters))
+        .key(read_count_key(names))
         .arg(&names.group)
         .arg(&names.consumer)
         .arg(count)
@@ -482,6 +498,12 @@ pub fn wait_for_new(
 /// IDs no longer in the dead-letter stream are pruned when counted.
 pub fn trimmed_key(dead_letters: &str) -> String {
     format!("{dead_letters}:trimmed")
+}
+
+/// The hash beside the group where [`read_new`] keeps how many entries the stream had
+/// received up to the group's last read (`read`), with that entry's ID (`id`).
+pub fn read_count_key(names: &Names) -> String {
+    format!("{}:read:{}", names.stream, names.group)
 }
 
 /// An entry of a pending list, read back without being delivered again.
@@ -729,13 +751,18 @@ pub fn queue_stats(redis: &mut Redis, names: &Names) -> Result<QueueStats, Redis
     parse_stats(redis, names, &replies)
 }
 
-const STATS_CMDS: usize = 4;
+const STATS_CMDS: usize = 6;
 
 fn add_stats_cmds(pipe: &mut redis::Pipeline, names: &Names) {
     pipe.cmd("XPENDING").arg(&names.stream).arg(&names.group);
     pipe.cmd("XINFO").arg("GROUPS").arg(&names.stream);
     pipe.cmd("XLEN").arg(&names.dead_letters);
     pipe.cmd("SMEMBERS").arg(trimmed_key(&names.dead_letters));
+    pipe.cmd("XINFO").arg("STREAM").arg(&names.stream);
+    pipe.cmd("HMGET")
+        .arg(read_count_key(names))
+        .arg("id")
+        .arg("read");
 }
 
 /// The replies of [`add_stats_cmds`], in order.
@@ -752,7 +779,7 @@ fn parse_stats(
     Ok(QueueStats {
         pending,
         oldest_pending,
-        lag: parse_lag(&replies[1], &names.group),
+        lag: lag(&replies[1], &names.group, &replies[4], &replies[5]),
         dead_letters: match &replies[2] {
             Value::Int(n) => *n as u64,
             _ => 0,
@@ -936,35 +963,91 @@ pub fn touch(redis: &mut Redis, names: &Names, ids: &[StreamId]) -> Result<(), R
     Ok(())
 }
 
-/// The group's lag in an XINFO GROUPS reply: entries in the stream not yet read by
-/// the group. `None` when Redis cannot tell (after a deletion or trimming in the read
-/// range).
-fn parse_lag(groups: &Value, group_name: &str) -> Option<u64> {
+/// The group's lag: entries the stream received that the group has not read yet. From
+/// [`read_count_key`] when it belongs to the group's position (exact, also after a
+/// trimmed gap or an AOF reload); else as XINFO GROUPS says, `None` when Redis cannot
+/// tell.
+fn lag(groups: &Value, group_name: &str, stream: &Value, mark: &Value) -> Option<u64> {
+    let (redis_lag, last) = parse_group(groups, group_name);
+    let added = fields_of(stream).and_then(|f| match f.get("entries-added".as_bytes()) {
+        Some(Value::Int(n)) => Some(*n as u64),
+        _ => None,
+    });
+    let read = match (mark, &last) {
+        (Value::Array(m), Some(last))
+            if m.len() == 2 && m[0] == Value::BulkString(last.clone()) =>
+        {
+            redis::from_redis_value_ref::<u64>(&m[1]).ok()
+        }
+        (_, Some(last)) if last.as_slice() == b"0-0" => Some(0),
+        _ => None,
+    };
+    match (added, read) {
+        (Some(added), Some(read)) => Some(added.saturating_sub(read)),
+        _ => redis_lag,
+    }
+}
+
+/// The group's lag alone (see [`lag`]), read-only: for `paheko-push check`.
+pub fn group_lag(redis: &mut Redis, names: &Names) -> Result<Option<u64>, RedisError> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("XINFO").arg("GROUPS").arg(&names.stream);
+    pipe.cmd("XINFO").arg("STREAM").arg(&names.stream);
+    pipe.cmd("HMGET")
+        .arg(read_count_key(names))
+        .arg("id")
+        .arg("read");
+    let replies: Vec<Value> = redis.query_pipeline(&pipe)?;
+    match replies.as_slice() {
+        [groups, stream, mark] => Ok(lag(groups, &names.group, stream, mark)),
+        other => Err(unexpected(format!("expected 3 replies, got {other:?}"))),
+    }
+}
+
+/// The lag and last-delivered-id of a group in an XINFO GROUPS reply.
+fn parse_group(groups: &Value, group_name: &str) -> (Option<u64>, Option<Vec<u8>>) {
     let Value::Array(groups) = groups else {
-        return None;
+        return (None, None);
     };
     for group in groups {
-        let fields: Vec<Value> = match group {
-            Value::Array(f) => f.clone(),
-            Value::Map(m) => m.iter().flat_map(|(k, v)| [k.clone(), v.clone()]).collect(),
-            _ => continue,
+        let Some(fields) = fields_of(group) else {
+            continue;
         };
-        let mut name = None;
-        let mut lag = None;
-        for pair in fields.chunks(2) {
-            match pair {
-                [Value::BulkString(k), Value::BulkString(n)] if k == b"name" => {
-                    name = Some(n.clone())
-                }
-                [Value::BulkString(k), Value::Int(n)] if k == b"lag" => lag = Some(*n as u64),
-                _ => {}
-            }
-        }
-        if name.as_deref() == Some(group_name.as_bytes()) {
-            return lag;
+        if matches!(fields.get("name".as_bytes()), Some(Value::BulkString(n)) if n == group_name.as_bytes())
+        {
+            let lag = match fields.get("lag".as_bytes()) {
+                Some(Value::Int(n)) => Some(*n as u64),
+                _ => None,
+            };
+            let last = match fields.get("last-delivered-id".as_bytes()) {
+                Some(Value::BulkString(id)) => Some(id.clone()),
+                _ => None,
+            };
+            return (lag, last);
         }
     }
-    None
+    (None, None)
+}
+
+/// The fields of an XINFO reply, RESP2 (a flat array) or RESP3 (a map).
+fn fields_of(v: &Value) -> Option<HashMap<&[u8], &Value>> {
+    let pairs: Vec<(&Value, &Value)> = match v {
+        Value::Array(flat) => flat
+            .chunks(2)
+            .filter_map(|p| Some((p.first()?, p.get(1)?)))
+            .collect(),
+        Value::Map(m) => m.iter().map(|(k, v)| (k, v)).collect(),
+        _ => return None,
+    };
+    Some(
+        pairs
+            .into_iter()
+            .filter_map(|(k, v)| match k {
+                Value::BulkString(k) => Some((k.as_slice(), v)),
+                _ => None,
+            })
+            .collect(),
+    )
 }
 
 /// Waits before reconnection attempt `n` (0-based): 100 ms doubling to 5 s.
