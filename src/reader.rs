@@ -212,7 +212,7 @@ impl Reader {
                 if !new.counted && !server.warned_uncounted {
                     server.warned_uncounted = true;
                     log::warn!(group = self.names.group.as_str();
-                        "the group's entries-read counter is unknown (moved with XGROUP SETID, or entries deleted with XDEL): entries trimmed before they were read cannot be counted this time");
+                        "how many entries the stream had received at the group's last read is unknown (the group was moved by another program, or entries deleted with XDEL): entries trimmed before they were read cannot be counted until the group reaches the stream's end");
                 }
                 if new.entries.is_empty() {
                     server.caught_up_at = Some(new.last_delivered);

@@ -161,8 +161,8 @@ impl FromStr for Version {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Support {
     /// Redis 7 or later: everything, including the exact count of the entries the
-    /// producer's MAXLEN trimmed before the group read them (XINFO's entries-added and
-    /// entries-read appeared in 7.0).
+    /// producer's MAXLEN trimmed before the group read them (XINFO STREAM's
+    /// entries-added appeared in 7.0).
     Full,
     /// Redis 6.2: everything but that count; such entries are lost without a word.
     NoTrimCount,
@@ -316,9 +316,10 @@ pub struct NewEntries {
     pub last_delivered: StreamId,
     /// The gap found, and recorded, just before the read.
     pub trimmed: Option<Trimmed>,
-    /// False when the group's entries-read counter was unknown (the group was moved
-    /// with XGROUP SETID, or entries were deleted with XDEL) while entries before the
-    /// stream's first one may have been trimmed: such a gap cannot be counted.
+    /// False when how many entries the stream had received at the group's last read
+    /// was unknown (something else moved the group, or entries were deleted with XDEL)
+    /// while entries before the stream's first one may have been trimmed: such a gap
+    /// cannot be counted.
     pub counted: bool,
 }
 
