@@ -34,6 +34,9 @@ pub fn classify(status: u16, retry_after: Option<&str>, now_unix: u64) -> Verdic
     }
 }
 
+/// The wait a `Retry-After` header asks for: delay-seconds, or an HTTP date in any of
+/// the three forms a recipient must accept (IMF-fixdate, RFC 850, asctime; RFC 9110
+/// §5.6.7), read by the `httpdate` crate. A date in the past means now.
 fn retry_after_for(status: u16, header: Option<&str>, now_unix: u64) -> Option<Duration> {
     if status != 429 && status != 503 {
         return None;
@@ -42,7 +45,11 @@ fn retry_after_for(status: u16, header: Option<&str>, now_unix: u64) -> Option<D
     if let Ok(secs) = header.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
-    let at = crate::clock::parse_http_date(header)?;
+    let at = httpdate::parse_http_date(header)
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
     Some(Duration::from_secs(at.saturating_sub(now_unix)))
 }
 
@@ -127,6 +134,30 @@ mod tests {
             after(503, "Thu, 01 Jan 1970 00:00:00 GMT"),
             Some(Duration::ZERO)
         );
+    }
+
+    #[test]
+    fn retry_after_takes_the_three_http_date_forms() {
+        // RFC 9110 §5.6.7: a recipient accepts IMF-fixdate, RFC 850 and asctime.
+        let at = 784_111_777 - 10; // 10 s before Sun, 06 Nov 1994 08:49:37 GMT
+        for date in [
+            "Sun, 06 Nov 1994 08:49:37 GMT",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+        ] {
+            assert_eq!(
+                retry_after_for(503, Some(date), at),
+                Some(Duration::from_secs(10)),
+                "{date}"
+            );
+            assert_eq!(
+                retry_after_for(429, Some(date), at + 60),
+                Some(Duration::ZERO)
+            );
+        }
+        for bad in ["Sun, 06 Nov 1994 08:49:37 PST", "tomorrow", "-1", "", "1.5"] {
+            assert_eq!(retry_after_for(503, Some(bad), at), None, "{bad:?}");
+        }
     }
 
     #[test]
