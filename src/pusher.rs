@@ -20,8 +20,16 @@ pub const USER_AGENT: &str = concat!("paheko-push/", env!("CARGO_PKG_VERSION"));
 
 /// Kept-alive connections to the plugin; above the largest useful concurrency.
 const MAX_IDLE_CONNECTIONS: usize = 256;
-/// ureq's read and write buffers, per connection.
+/// ureq's write buffer, per connection.
 const BUFFER_SIZE: usize = 16 * 1024;
+/// The largest response head (status line and headers) the worker reads: 32 KiB, four
+/// times what nginx passes from a PHP backend by default (`fastcgi_buffer_size`, 4 or 8
+/// KiB) and past Apache's 8 KiB per header line. ureq parses the head from its input
+/// buffer, so that buffer must hold more than this: with a buffer no larger than the
+/// bound, a longer head fills it and ureq reports "Peer disconnected", and a 2xx was
+/// retried as no answer (issue 8 §7). One byte more makes it say "response header is
+/// too big: 32769 > 32768".
+const MAX_RESPONSE_HEAD: usize = 32 * 1024;
 /// How long the plugin host's addresses are reused before asking the system again.
 const RESOLVE_TTL: Duration = Duration::from_secs(30);
 
@@ -167,10 +175,11 @@ impl Pusher {
             .max_idle_connections(MAX_IDLE_CONNECTIONS)
             .max_idle_connections_per_host(MAX_IDLE_CONNECTIONS)
             // 128 KiB per connection and direction by default; requests are ~1 KB and a
-            // 1 MB payload streams through (change 3).
-            .input_buffer_size(BUFFER_SIZE)
+            // 1 MB payload streams through (change 3). The input side holds a whole
+            // response head, up to the bound, and one byte to tell it was passed.
+            .input_buffer_size(MAX_RESPONSE_HEAD + 1)
             .output_buffer_size(BUFFER_SIZE)
-            .max_response_header_size(BUFFER_SIZE)
+            .max_response_header_size(MAX_RESPONSE_HEAD)
             .build();
         ureq::Agent::with_parts(
             config,

@@ -4,6 +4,7 @@
 
 mod util;
 
+mod answers;
 mod chaos;
 mod configuration;
 mod dead_letters;
