@@ -7,6 +7,7 @@ mod util;
 mod answers;
 mod chaos;
 mod configuration;
+mod crash;
 mod dead_letters;
 mod delivery;
 mod harness;

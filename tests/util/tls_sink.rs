@@ -306,13 +306,14 @@ impl Shared {
             if stream.read_exact(&mut body).is_err() {
                 return;
             }
-            self.record(Received {
+            let index = self.record(Received {
                 at: Instant::now(),
                 method,
                 path,
                 headers,
                 body,
                 attempt: 0,
+                answered: None,
             });
             let out = stream.get_mut();
             if out
@@ -322,17 +323,21 @@ impl Shared {
             {
                 return;
             }
+            self.received.lock().unwrap()[index].answered = Some(204);
         }
     }
 
-    fn record(&self, mut received: Received) {
+    /// Returns the request's index in the log, where its answer is written later.
+    fn record(&self, mut received: Received) -> usize {
         let mut attempts = self.attempts.lock().unwrap();
         let n = attempts
             .entry(received.idempotency_key().map(str::to_owned))
             .or_insert(0);
         *n += 1;
         received.attempt = *n;
-        self.received.lock().unwrap().push(received);
+        let mut log = self.received.lock().unwrap();
+        log.push(received);
+        log.len() - 1
     }
 }
 
