@@ -9,19 +9,6 @@ use super::util::*;
 
 const T: Duration = Duration::from_secs(30);
 
-/// The entry IDs still pending for the group.
-fn pending_ids(conn: &mut redis::Connection) -> Vec<String> {
-    let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-        .arg(STREAM)
-        .arg(GROUP)
-        .arg("-")
-        .arg("+")
-        .arg(100_000)
-        .query(conn)
-        .unwrap_or_default();
-    pending.into_iter().map(|p| p.0).collect()
-}
-
 /// A worker killed while the plugin was still working on its request: the sink finds
 /// the connection closed when it comes to answer, so nothing counts as accepted, and the
 /// ticket goes out again, under the same key, from the next start.
@@ -47,7 +34,7 @@ fn kill_9_while_the_plugin_answers_is_not_an_acceptance_and_the_ticket_is_sent_a
         settled[0].answered, None,
         "the answer came after the worker died: nobody got it"
     );
-    assert_eq!(pending_ids(&mut conn), [id.clone()]);
+    assert_eq!(pending_ids(&mut conn, STREAM, GROUP), [id.clone()]);
 
     let _again = Worker::spawn(&env);
     wait_until("acknowledged after the restart", T, || {
@@ -97,7 +84,7 @@ fn kill_9_between_the_2xx_and_the_xack_sends_the_same_key_again_then_acks() {
         .query(&mut *pauser.lock().unwrap())
         .unwrap();
     assert_eq!(
-        pending_ids(&mut conn),
+        pending_ids(&mut conn, STREAM, GROUP),
         [id.clone()],
         "the XACK did not land before the kill"
     );

@@ -31,7 +31,10 @@ use std::time::{Duration, Instant};
 
 // Re-exported whole; the tests use different subsets.
 #[allow(unused_imports)]
-pub use redis_server::{RedisServer, pending_count, stream_entries, xadd, xadd_bytes, xlen};
+pub use redis_server::{
+    RedisServer, group_info, group_lag, pending_count, pending_ids, stream_entries, xadd,
+    xadd_bytes, xlen,
+};
 #[allow(unused_imports)]
 pub use sink::{Received, Reply, Sink};
 #[allow(unused_imports)]

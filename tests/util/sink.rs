@@ -153,6 +153,8 @@ struct Log {
     received: Vec<Received>,
     /// Requests whose handling is over: answered, hung up on, or given up.
     handled: usize,
+    /// Per request, in the order of `received`: whether its handling is over.
+    settled: Vec<bool>,
     attempts: HashMap<Option<String>, u32>,
 }
 
@@ -244,6 +246,18 @@ impl Sink {
             let log = self.shared.log.lock().unwrap();
             (log.handled == log.received.len()).then(|| log.received.clone())
         })
+    }
+
+    /// The requests the sink is still working on (waiting out a scripted delay, or
+    /// writing the answer): in flight for the client that sent them.
+    pub fn in_progress(&self) -> Vec<Received> {
+        let log = self.shared.log.lock().unwrap();
+        log.received
+            .iter()
+            .zip(&log.settled)
+            .filter(|(_, settled)| !**settled)
+            .map(|(r, _)| r.clone())
+            .collect()
     }
 
     /// The requests accepted so far ([`Received::accepted`]), in arrival order.
@@ -361,7 +375,9 @@ impl Shared {
             answered: None,
         });
         self.answer(request, index, &received);
-        self.log.lock().unwrap().handled += 1;
+        let mut log = self.log.lock().unwrap();
+        log.handled += 1;
+        log.settled[index] = true;
     }
 
     /// Answers as the responder says, and records what was written.
@@ -403,6 +419,7 @@ impl Shared {
         *attempt += 1;
         received.attempt = *attempt;
         log.received.push(received.clone());
+        log.settled.push(false);
         (log.received.len() - 1, received)
     }
 
