@@ -34,7 +34,10 @@ fn kill_9_while_the_plugin_answers_is_not_an_acceptance_and_the_ticket_is_sent_a
         settled[0].answered, None,
         "the answer came after the worker died: nobody got it"
     );
-    assert_eq!(pending_ids(&mut conn, STREAM, GROUP), [id.clone()]);
+    assert_eq!(
+        pending_ids(&mut conn, STREAM, GROUP),
+        std::slice::from_ref(&id)
+    );
 
     let _again = Worker::spawn(&env);
     wait_until("acknowledged after the restart", T, || {
@@ -77,7 +80,7 @@ fn kill_9_between_the_2xx_and_the_xack_sends_the_same_key_again_then_acks() {
     worker.wait_for_log("the worker got the 2xx", T, |l| {
         l["msg"] == "delivered" && l["correlation_id"] == id.as_str()
     });
-    assert_eq!(sink.accepted_keys(), [id.clone()]);
+    assert_eq!(sink.accepted_keys(), std::slice::from_ref(&id));
     worker.kill9();
     let _: () = redis::cmd("CLIENT")
         .arg("UNPAUSE")
@@ -85,7 +88,7 @@ fn kill_9_between_the_2xx_and_the_xack_sends_the_same_key_again_then_acks() {
         .unwrap();
     assert_eq!(
         pending_ids(&mut conn, STREAM, GROUP),
-        [id.clone()],
+        std::slice::from_ref(&id),
         "the XACK did not land before the kill"
     );
 
