@@ -25,8 +25,16 @@ ensure_command() {
 
 # php-cli: the signing tests run the PHP verification function of
 # docs/plugin-contract.md against what the worker sent (under CI=true a missing php fails).
+# Every tool a test skips without must be installed here: under CI=true the tests fail
+# instead of skipping (tests/util/mod.rs, have_tool).
 ensure_php() {
   ensure_command php php-cli php-cli php83
+}
+
+# systemd-analyze: the unit file's test verifies scripts/paheko-push.service and rates its
+# hardening (under CI=true a missing systemd-analyze fails). Debian ships it in systemd.
+ensure_systemd_analyze() {
+  ensure_command systemd-analyze systemd systemd systemd
 }
 
 # openssl: the TLS tests make a private CA and certificates with it.

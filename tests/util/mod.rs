@@ -267,3 +267,35 @@ pub fn is_distinctive(secret: &str) -> bool {
                 .any(|b| format!("{b:02x}").bytes().any(|h| h.is_ascii_alphabetic()))
     })
 }
+
+/// Whether CI is running the tests (`CI` set, and not empty, `0` or `false`), as on the
+/// project's CI, where `scripts/test` installs every tool a test needs.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"))
+}
+
+/// Whether `tool` runs (`tool --version` succeeds). When it does not, a test skips the
+/// part that needs it, saying so loudly, except under CI ([`under_ci`]), where a
+/// missing tool fails the test: skipped means failed there, since `scripts/test`
+/// installs the tool (`install`, the `scripts/lib.sh` function that does it).
+pub fn have_tool(tool: &str, skipped: &str, install: &str) -> bool {
+    let runs = std::process::Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !runs {
+        assert!(
+            !under_ci(),
+            "{tool} is missing under CI: scripts/test installs it ({install} in scripts/lib.sh); \
+             not checked: {skipped}"
+        );
+        // Straight to stderr: libtest captures eprintln! of a passing test.
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n!!!!!!!! SKIPPED: {tool} is not installed, so NOT checked: {skipped}. Run \
+             scripts/test ({install} installs it). Under CI=true this fails. !!!!!!!!\n"
+        );
+    }
+    runs
+}
