@@ -7,7 +7,8 @@
 //!        └──────────── XACK / dead letter ────────────┘ └─────── done ──────┘
 //! ```
 //! The reader only reads; the acker owns every decision about an entry (order, ack,
-//! dead letter, parking); pushers only speak HTTP. /health reads atomic counters. A
+//! dead letter, retry timing, the circuit breaker, giving up); pushers make one HTTP
+//! attempt each and report back. /health reads atomic counters. A
 //! stop is one flag plus a closed channel ([`shutdown`]).
 
 pub mod acker;
@@ -149,10 +150,8 @@ pub fn run(config: Config) -> Result<(), Error> {
             let pusher = Arc::new(pusher::Pusher::new(
                 agent,
                 plugin.clone(),
-                config.retry,
                 Arc::clone(&stats),
                 shutdown.clone(),
-                config.breaker_threshold,
             ));
             let mut threads = Vec::new();
             for n in 0..config.concurrency {
@@ -167,6 +166,11 @@ pub fn run(config: Config) -> Result<(), Error> {
                 names: names.clone(),
                 claim_idle: config.claim_idle,
                 max_deliveries: config.max_deliveries,
+                retry: config.retry,
+                dead_letter_statuses: config.dead_letter_statuses.clone(),
+                give_up_after_parks: config.give_up_after_parks,
+                breaker_threshold: config.breaker_threshold,
+                window: config.concurrency,
                 stats: Arc::clone(&stats),
                 shutdown: shutdown.clone(),
             };

@@ -18,7 +18,7 @@ pub struct Lanes {
     /// Every entry from admission until [`Lanes::forget`].
     held: HashSet<StreamId>,
     lanes: HashMap<String, VecDeque<Event>>,
-    /// Heads whose in-line retries ran out, with the time to try them again.
+    /// Heads waiting for their next attempt, with its time.
     parked: Vec<(Instant, Event)>,
     recent: VecDeque<StreamId>,
     recent_set: HashSet<StreamId>,
@@ -84,8 +84,8 @@ impl Lanes {
         }
     }
 
-    /// Keeps an event whose in-line retries ran out until `until`; its lane stays
-    /// blocked behind it.
+    /// Keeps a lane's head that failed until its next attempt at `until`; its lane
+    /// stays blocked behind it.
     pub fn park(&mut self, event: Event, until: Instant) {
         self.parked.push((until, event));
     }
@@ -97,6 +97,14 @@ impl Lanes {
         let mut due: Vec<Event> = due.into_iter().map(|(_, e)| e).collect();
         due.sort_by_key(|e| e.id);
         due
+    }
+
+    /// Every parked event, oldest entry first: the plugin takes tickets again, so the
+    /// backoff that an outage built up is not waited out.
+    pub fn unpark_all(&mut self) -> Vec<Event> {
+        let mut all: Vec<Event> = self.parked.drain(..).map(|(_, e)| e).collect();
+        all.sort_by_key(|e| e.id);
+        all
     }
 
     pub fn next_due(&self) -> Option<Instant> {

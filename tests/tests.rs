@@ -13,6 +13,7 @@ mod lifecycle;
 mod metrics;
 mod observability;
 mod resilience;
+mod retries;
 mod signing;
 mod systemd;
 mod tls;
