@@ -20,6 +20,7 @@ use crossbeam_channel::{Receiver, Sender, never, select};
 use crate::breaker::{Breaker, Cause, Change, Permit};
 use crate::config::RetryConfig;
 use crate::event::{Event, Incoming, StreamId};
+use crate::notify::Beat;
 use crate::order::Lanes;
 use crate::pusher::{Done, Reply};
 use crate::retry::{Next, Tries, Verdict};
@@ -57,6 +58,8 @@ pub struct Acker {
     pub window: usize,
     pub stats: Arc<Stats>,
     pub shutdown: Shutdown,
+    /// Tells the watchdog whether this thread is waiting or busy on a step.
+    pub beat: Beat,
 }
 
 /// A dead letter waiting to be written, and the lane it unblocks once it is.
@@ -146,6 +149,7 @@ impl Acker {
             } else {
                 self.shutdown.signal().clone()
             };
+            self.beat.idle();
             select! {
                 recv(from_reader) -> batch => match batch {
                     Ok(batch) => self.admit(&mut s, batch),
@@ -155,6 +159,9 @@ impl Acker {
                 recv(stop_signal) -> _ => {},
                 default(timeout) => {},
             }
+            self.beat.busy();
+            #[cfg(debug_assertions)]
+            test_hooks::stall_once_delivered(s.accepted, &self.shutdown);
             // Settle everything already reported before writing to Redis, so the
             // acknowledgements go out as one batch.
             while let Ok(d) = done.try_recv() {
@@ -573,6 +580,21 @@ impl Acker {
                 }
             }
             _ => {}
+        }
+    }
+}
+
+/// What the integration tests need to fake a fault that cannot be caused from outside;
+/// compiled in debug builds only (the release binary has none of it), and inert unless
+/// the variable is set, as cargo's `__CARGO_TEST_*` hooks.
+#[cfg(debug_assertions)]
+mod test_hooks {
+    /// `__PAHEKO_PUSH_TEST_STALL_ACKER=1`: once a ticket was accepted, the acker hangs
+    /// (until the stop), as a wedged thread would, so the watchdog test can see the
+    /// pings stop.
+    pub fn stall_once_delivered(accepted: u64, shutdown: &crate::shutdown::Shutdown) {
+        if accepted > 0 && std::env::var_os("__PAHEKO_PUSH_TEST_STALL_ACKER").is_some() {
+            while shutdown.sleep(std::time::Duration::from_secs(1)) {}
         }
     }
 }

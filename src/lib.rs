@@ -153,11 +153,14 @@ pub fn run(config: Config) -> Result<(), Error> {
                 Arc::clone(&stats),
                 shutdown.clone(),
             ));
+            let liveness = watched_threads(&config);
+            notify::watch_threads(Arc::clone(&liveness));
             let mut threads = Vec::new();
             for n in 0..config.concurrency {
                 let (pusher, work, done) = (Arc::clone(&pusher), work_rx.clone(), done_tx.clone());
+                let beat = liveness.beat(n + 1);
                 threads.push(spawn(&format!("pusher-{n}"), move || {
-                    pusher.run(work, done)
+                    pusher.run(work, done, beat)
                 })?);
             }
             drop((work_rx, done_tx));
@@ -173,6 +176,7 @@ pub fn run(config: Config) -> Result<(), Error> {
                 window: config.concurrency,
                 stats: Arc::clone(&stats),
                 shutdown: shutdown.clone(),
+                beat: liveness.beat(0),
             };
             threads.push(spawn("acker", move || {
                 acker.run(batches_rx, done_rx, work_tx)
@@ -198,6 +202,18 @@ pub fn run(config: Config) -> Result<(), Error> {
     }
     log::info!(delivered = stats.delivered.load(Relaxed); "stopped");
     Ok(())
+}
+
+/// The threads the watchdog vouches for besides the reader (which asks for the pings,
+/// so a stuck reader stops them by itself): the acker, slot 0, then the pushers. A step
+/// may last as long as the watchdog interval (docs/systemd.md asks for 25 s or more, past
+/// any Redis timeout), a request as long as its timeout and a margin.
+fn watched_threads(config: &Config) -> Arc<notify::Liveness> {
+    let interval = notify::watchdog_timeout().unwrap_or(std::time::Duration::from_secs(30));
+    let request = interval.max(config.timeout + std::time::Duration::from_secs(5));
+    let mut threads = vec![("acker".to_string(), interval)];
+    threads.extend((0..config.concurrency).map(|n| (format!("pusher-{n}"), request)));
+    notify::Liveness::new(threads)
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<thread::JoinHandle<()>, Error> {

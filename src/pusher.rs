@@ -12,6 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::config::{CaFile, Plugin};
 use crate::event::Event;
+use crate::notify::Beat;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 
@@ -164,8 +165,9 @@ impl Pusher {
     }
 
     /// Runs a pusher until the work channel closes: one attempt per event received.
-    pub fn run(&self, work: Receiver<Event>, done: Sender<Done>) {
+    pub fn run(&self, work: Receiver<Event>, done: Sender<Done>, beat: Beat) {
         for event in work {
+            beat.busy();
             let started = Instant::now();
             let reply = if self.shutdown.is_stopping() {
                 Reply::NotSent
@@ -175,6 +177,7 @@ impl Pusher {
                 reply
             };
             let took = started.elapsed();
+            beat.idle();
             if done.send(Done { event, reply, took }).is_err() {
                 return;
             }
