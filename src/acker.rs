@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, never, select};
 
 use crate::breaker::{Breaker, Cause, Change, Permit};
+use crate::budget::{self, Budget};
 use crate::config::RetryConfig;
 use crate::event::{Event, Incoming, StreamId};
 use crate::notify::Beat;
@@ -28,11 +29,6 @@ use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::store::{self, DeadLetter, Names, Redis};
 
-/// The most events held in memory at once (in flight, parked or waiting behind their
-/// lane's head). Past it the reader is held back; the rest stays in Redis.
-/// 512 keeps four reads in hand and the peak RSS of a drain near 8 MB
-/// (docs/performance.md, change 4).
-pub const MAX_HELD: usize = 512;
 /// How long a stop waits for Redis to take the last acknowledgements before giving
 /// up on them (they stay pending, and are delivered again on the next start).
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -60,6 +56,8 @@ pub struct Acker {
     pub shutdown: Shutdown,
     /// Tells the watchdog whether this thread is waiting or busy on a step.
     pub beat: Beat,
+    /// What the reader may still read: the acker gives back what it settled.
+    pub budget: Arc<Budget>,
 }
 
 /// A dead letter waiting to be written, and the lane it unblocks once it is.
@@ -124,6 +122,9 @@ impl Acker {
                 self.dispatch(&mut s, &work, now);
             }
             self.stats.parked.store(s.lanes.parked() as u64, Relaxed);
+            let (held, held_bytes) = self.budget.held();
+            self.stats.held.store(held, Relaxed);
+            self.stats.held_bytes.store(held_bytes, Relaxed);
             // While stopping nothing more goes out, so the retry and probe timers are
             // not waited for: a due one would otherwise wake the loop at once, forever.
             let timers = [
@@ -142,7 +143,8 @@ impl Acker {
                 .filter(|t| *t > now)
                 .min()
                 .map_or(IDLE_WAIT, |t| t - now);
-            let take_more = !stopping && !reader_gone && s.lanes.held() < MAX_HELD;
+            // What the reader may send is bounded by the budget it takes from.
+            let take_more = !stopping && !reader_gone;
             let from_reader = if take_more { incoming.clone() } else { never() };
             let stop_signal = if stopping {
                 never()
@@ -215,17 +217,25 @@ impl Acker {
 
     fn admit(&self, s: &mut State, batch: Vec<Incoming>) {
         for item in batch {
-            if s.lanes.finished(item.id()) {
-                s.to_ack.push(item.id());
+            let id = item.id();
+            let bytes = match &item {
+                Incoming::Event(e) => budget::size(&e.fields),
+                Incoming::Rejected(r) => budget::size(&r.fields),
+                Incoming::Vanished(_) => 0,
+            };
+            if s.lanes.finished(id) || s.lanes.is_held(id) {
+                // A copy read again: only a finished one needs acknowledging again.
+                if s.lanes.finished(id) {
+                    s.to_ack.push(id);
+                }
+                self.budget.give(bytes);
                 continue;
             }
             match item {
                 Incoming::Event(event)
                     if self.max_deliveries > 0 && event.deliveries > self.max_deliveries =>
                 {
-                    if !s.lanes.hold(event.id) {
-                        continue;
-                    }
+                    s.lanes.hold(id, bytes);
                     let detail = format!(
                         "delivered {} times to consumers, more than PAHEKO_PUSH_MAX_DELIVERIES={}",
                         event.deliveries, self.max_deliveries
@@ -248,9 +258,7 @@ impl Acker {
                     }
                 }
                 Incoming::Rejected(r) => {
-                    if !s.lanes.hold(r.id) {
-                        continue;
-                    }
+                    s.lanes.hold(id, bytes);
                     self.stats.invalid.fetch_add(1, Relaxed);
                     log::error!(correlation_id = r.id.to_string().as_str(), reason = r.reason, detail = r.detail.as_str();
                         "entry cannot be delivered: moving it to the dead letters");
@@ -265,9 +273,7 @@ impl Acker {
                     s.to_dead.push(Settling { dead, key: None });
                 }
                 Incoming::Vanished(id) => {
-                    if !s.lanes.hold(id) {
-                        continue;
-                    }
+                    s.lanes.hold(id, bytes);
                     self.stats.lost_to_trim.fetch_add(1, Relaxed);
                     log::error!(correlation_id = id.to_string().as_str();
                         "entry vanished from the stream before it was delivered (trimmed by the producer's MAXLEN?): it is lost");
@@ -539,7 +545,9 @@ impl Acker {
         if !s.to_ack.is_empty() {
             store::ack(&mut self.redis, &self.names, &s.to_ack)?;
             for id in s.to_ack.drain(..) {
-                s.lanes.forget(id);
+                if let Some(bytes) = s.lanes.forget(id) {
+                    self.budget.give(bytes);
+                }
             }
         }
         while let Some(settling) = s.to_dead.first() {
@@ -549,7 +557,9 @@ impl Acker {
             log::warn!(correlation_id = dead.id.to_string().as_str(), reason = dead.reason.as_str(),
                 dead_letter_stream = self.names.dead_letters.as_str();
                 "moved to the dead letters");
-            s.lanes.forget(dead.id);
+            if let Some(bytes) = s.lanes.forget(dead.id) {
+                self.budget.give(bytes);
+            }
             if let Some(next) = s.lanes.release(key.as_deref()) {
                 s.ready.push_back(next);
             }

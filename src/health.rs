@@ -37,6 +37,8 @@ pub fn document(s: &Stats) -> (u16, serde_json::Value) {
         "backlog_warning": s.backlog_warning(),
         "oldest_pending_age_seconds": s.oldest_pending_age_seconds.load(Relaxed),
         "dead_letters": s.dead_letters.load(Relaxed),
+        "held": s.held.load(Relaxed),
+        "held_bytes": s.held_bytes.load(Relaxed),
         "version": env!("CARGO_PKG_VERSION"),
     });
     (if status == "error" { 503 } else { 200 }, doc)

@@ -13,6 +13,7 @@
 
 pub mod acker;
 pub mod breaker;
+pub mod budget;
 pub mod check;
 pub mod clock;
 pub mod config;
@@ -154,6 +155,7 @@ pub fn run(config: Config) -> Result<(), Error> {
                 shutdown.clone(),
             ));
             let liveness = watched_threads(&config);
+            let budget = Arc::new(budget::Budget::default());
             notify::watch_threads(Arc::clone(&liveness));
             let mut threads = Vec::new();
             for n in 0..config.concurrency {
@@ -177,6 +179,7 @@ pub fn run(config: Config) -> Result<(), Error> {
                 stats: Arc::clone(&stats),
                 shutdown: shutdown.clone(),
                 beat: liveness.beat(0),
+                budget: Arc::clone(&budget),
             };
             threads.push(spawn("acker", move || {
                 acker.run(batches_rx, done_rx, work_tx)
@@ -188,6 +191,7 @@ pub fn run(config: Config) -> Result<(), Error> {
                 claim_idle: config.claim_idle,
                 stats: Arc::clone(&stats),
                 shutdown: shutdown.clone(),
+                budget,
             };
             threads.push(spawn("reader", move || reader.run(batches_tx))?);
             for t in threads {

@@ -79,6 +79,16 @@ pub fn render(stats: &Stats) -> String {
             get(&stats.parked),
         ),
         (
+            "held",
+            "Entries held in memory: read, not yet acknowledged or dead-lettered.",
+            get(&stats.held),
+        ),
+        (
+            "held_bytes",
+            "Bytes of the fields of the entries held in memory.",
+            get(&stats.held_bytes),
+        ),
+        (
             "dead_letters",
             "Entries in the dead-letter stream.",
             get(&stats.dead_letters),

@@ -44,6 +44,9 @@ pub struct Stats {
     pub oldest_pending_age_seconds: AtomicU64,
     /// Length of the dead-letter stream.
     pub dead_letters: AtomicU64,
+    /// Entries held in memory (read, not yet settled) and their fields' bytes.
+    pub held: AtomicU64,
+    pub held_bytes: AtomicU64,
     pub request_duration: Histogram,
 }
 

@@ -9,6 +9,7 @@ mod configuration;
 mod dead_letters;
 mod delivery;
 mod harness;
+mod held;
 mod lifecycle;
 mod metrics;
 mod observability;
