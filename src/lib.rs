@@ -21,6 +21,7 @@ pub mod dead;
 pub mod error;
 pub mod event;
 pub mod health;
+pub mod lease;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
