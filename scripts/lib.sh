@@ -39,3 +39,12 @@ ensure_redis() {
   ensure_command redis-server redis-server redis redis
   ensure_command redis-cli redis-tools redis redis
 }
+
+# cargo-deb, for scripts/package: from crates.io (it is no system package).
+ensure_cargo_deb() {
+  if cargo deb --version >/dev/null 2>&1; then
+    return
+  fi
+  echo "cargo-deb is missing: installing it with cargo install" >&2
+  cargo install cargo-deb --locked
+}
