@@ -4,14 +4,18 @@
 
 mod util;
 
+mod alerts;
 mod chaos;
 mod configuration;
 mod dead_letters;
 mod delivery;
 mod harness;
+mod health_command;
 mod lifecycle;
 mod metrics;
 mod observability;
+mod packaging;
+mod receiver;
 mod resilience;
 mod signing;
 mod systemd;
