@@ -26,6 +26,7 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod order;
+pub mod probe;
 pub mod pusher;
 pub mod reader;
 pub mod retry;
@@ -51,6 +52,7 @@ pub fn main_with(args: &[String]) -> Result<(), Error> {
         None | Some("run") => {}
         Some("dead") => return dead::main(&args[1..], load_config),
         Some("check") => return check::main(&args[1..], load_config),
+        Some("health") => return probe::main(&args[1..], load_config),
         Some("-V" | "--version") => {
             println!("paheko-push {}", env!("CARGO_PKG_VERSION"));
             return Ok(());

@@ -167,7 +167,7 @@ fn the_unit_file_is_rated_2_or_lower_by_systemd_analyze() {
         "MemoryDenyWriteExecute=yes",
         "LoadCredential=paheko-secret:/etc/paheko-push/secret",
         "Environment=PAHEKO_PLUGIN_SECRET_FILE=%d/paheko-secret",
-        "EnvironmentFile=-/etc/paheko-push/env",
+        "EnvironmentFile=-/etc/paheko-push/paheko-push.env",
         "Restart=always",
     ] {
         assert!(

@@ -4,15 +4,19 @@
 
 mod util;
 
+mod alerts;
 mod chaos;
 mod configuration;
 mod dead_letters;
 mod delivery;
 mod harness;
+mod health_command;
 mod held;
 mod lifecycle;
 mod metrics;
 mod observability;
+mod packaging;
+mod receiver;
 mod resilience;
 mod retries;
 mod signing;
