@@ -42,6 +42,8 @@ pub struct Raw {
     pub paheko_push_backlog_warn: Option<String>,
     pub paheko_push_breaker_threshold: Option<String>,
     pub paheko_push_max_deliveries: Option<String>,
+    pub paheko_push_dead_letter_statuses: Option<String>,
+    pub paheko_push_give_up_after_parks: Option<String>,
     pub paheko_push_auth: Option<String>,
     pub paheko_plugin_ca_file: Option<String>,
     pub redis_ca_file: Option<String>,
@@ -258,6 +260,12 @@ pub struct Config {
     pub breaker_threshold: u32,
     /// Deliveries (reads by a consumer) after which an entry is dead-lettered; 0 = no limit.
     pub max_deliveries: u64,
+    /// The 4xx statuses that concern the ticket itself and dead-letter it as `rejected`;
+    /// any other 4xx is a plugin-wide refusal and leaves the ticket pending.
+    pub dead_letter_statuses: Vec<u16>,
+    /// Rounds of MAX_RETRIES attempts a ticket may fail alone before it is
+    /// dead-lettered as `failing_alone`; 0 = never (see [`crate::retry::GiveUp`]).
+    pub give_up_after_parks: u32,
     /// Extra roots for the plugin's certificate (`PAHEKO_PLUGIN_CA_FILE`).
     pub plugin_ca: Option<CaFile>,
     /// Extra roots for a `rediss://` server's certificate (`REDIS_CA_FILE`).
@@ -434,6 +442,16 @@ impl Config {
                 0,
                 0..=u64::MAX,
             )?,
+            dead_letter_statuses: statuses(
+                "PAHEKO_PUSH_DEAD_LETTER_STATUSES",
+                raw.paheko_push_dead_letter_statuses,
+            )?,
+            give_up_after_parks: number(
+                "PAHEKO_PUSH_GIVE_UP_AFTER_PARKS",
+                raw.paheko_push_give_up_after_parks,
+                3,
+                0..=1_000_000,
+            )?,
             plugin_ca,
             redis_ca,
         })
@@ -484,6 +502,36 @@ fn text(value: Option<String>, default: &str) -> String {
         Some(v) if !v.trim().is_empty() => v.trim().to_string(),
         _ => default.to_string(),
     }
+}
+
+/// A comma list of 4xx statuses (408 and 429 excepted: those always mean "try again").
+fn statuses(var: &str, value: Option<String>) -> Result<Vec<u16>, ConfigError> {
+    let Some(v) = value.filter(|v| !v.trim().is_empty()) else {
+        return Ok(crate::retry::DEAD_LETTER_STATUSES.to_vec());
+    };
+    let mut out = Vec::new();
+    for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match item.parse::<u16>() {
+            Ok(408 | 429) => {
+                return Err(err(
+                    var,
+                    format!(
+                        "{item} always means \"try again later\"; it cannot dead-letter a ticket"
+                    ),
+                ));
+            }
+            Ok(s @ 400..=499) => out.push(s),
+            _ => {
+                return Err(err(
+                    var,
+                    format!(
+                        "expected a comma list of 4xx statuses such as 400,409,413,415,422, got {item:?}"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn number<T>(

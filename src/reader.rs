@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{SendTimeoutError, Sender};
 use redis::RedisError;
 
+use crate::budget::{self, Budget};
 use crate::event::{Entry, Event, Incoming, StreamId};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -42,6 +43,8 @@ pub struct Reader {
     pub claim_idle: Duration,
     pub stats: Arc<Stats>,
     pub shutdown: Shutdown,
+    /// What may still be read: the acker gives back what it settled.
+    pub budget: Arc<Budget>,
 }
 
 impl Reader {
@@ -63,6 +66,15 @@ impl Reader {
                     crate::notify::ready();
                     Vec::new()
                 })
+            } else if self.budget.room(COUNT) == 0 {
+                // Everything the worker may hold is held (Paheko down, or slow): the
+                // rest waits in Redis. /health must go on showing the queue grow.
+                if Instant::now() >= housekeeping_at {
+                    housekeeping_at = Instant::now() + HOUSEKEEPING_EVERY;
+                    self.refresh_stats();
+                }
+                self.budget.wait(&self.shutdown);
+                Ok(Vec::new())
             } else if cursor == Cursor::New && Instant::now() >= housekeeping_at {
                 housekeeping_at = Instant::now() + HOUSEKEEPING_EVERY;
                 self.housekeeping()
@@ -108,7 +120,8 @@ impl Reader {
 
     /// One XREADGROUP: this consumer's pending entries after the cursor, or new ones.
     fn read(&mut self, cursor: &mut Cursor) -> Result<Vec<Incoming>, RedisError> {
-        let entries = store::read(&mut self.redis, &self.names, *cursor, COUNT, BLOCK)?;
+        let count = self.budget.room(COUNT);
+        let entries = store::read(&mut self.redis, &self.names, *cursor, count, BLOCK)?;
         let Cursor::Pending(_) = *cursor else {
             return Ok(self.incoming(entries, &HashMap::new()));
         };
@@ -136,18 +149,23 @@ impl Reader {
     /// group: those of a dead instance. (This worker's own entries never go idle that
     /// long while it runs: the acker keeps them fresh.)
     fn housekeeping(&mut self) -> Result<Vec<Incoming>, RedisError> {
-        let (mut claimed, stats) =
-            store::housekeeping(&mut self.redis, &self.names, self.claim_idle, COUNT)?;
+        let (mut claimed, stats) = store::housekeeping(
+            &mut self.redis,
+            &self.names,
+            self.claim_idle,
+            self.budget.room(COUNT).max(1),
+        )?;
         self.show(stats);
         let mut batch = Vec::new();
         for round in 0..RECLAIM_ROUNDS {
             if round > 0 {
                 let start = claimed.next;
-                if start == StreamId::default() {
+                let room = self.budget.room(COUNT);
+                if start == StreamId::default() || room == 0 {
                     break;
                 }
                 claimed =
-                    store::autoclaim(&mut self.redis, &self.names, self.claim_idle, start, COUNT)?;
+                    store::autoclaim(&mut self.redis, &self.names, self.claim_idle, start, room)?;
             }
             for id in std::mem::take(&mut claimed.vanished) {
                 batch.push(Incoming::Vanished(id));
@@ -166,7 +184,13 @@ impl Reader {
         Ok(batch)
     }
 
+    /// Parses what was read, and takes it from the budget.
     fn incoming(&self, entries: Vec<Entry>, deliveries: &HashMap<StreamId, u64>) -> Vec<Incoming> {
+        let sizes = entries
+            .iter()
+            .map(|e| e.fields.as_deref().map_or(0, budget::size));
+        let largest = sizes.clone().max().unwrap_or(0);
+        self.budget.take(entries.len(), sizes.sum(), largest);
         entries
             .into_iter()
             .map(|entry| match entry.fields {

@@ -267,7 +267,7 @@ echo paheko_push_verify(getenv('SECRET'), $h['webhook-id'] ?? null,
 }
 
 /// The PHP between the markers of docs/plugin-contract.md, without the code fence.
-fn snippet() -> String {
+pub(crate) fn snippet() -> String {
     let doc = std::fs::read_to_string(Path::new(CONTRACT)).expect("reading the contract");
     let start = doc.find(BEGIN).expect("begin marker") + BEGIN.len();
     let end = doc[start..].find(END).expect("end marker") + start;

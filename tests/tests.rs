@@ -4,6 +4,7 @@
 
 mod util;
 
+mod alerts;
 mod answers;
 mod chaos;
 mod configuration;
@@ -11,10 +12,15 @@ mod crash;
 mod dead_letters;
 mod delivery;
 mod harness;
+mod health_command;
+mod held;
 mod lifecycle;
 mod metrics;
 mod observability;
+mod packaging;
+mod receiver;
 mod resilience;
+mod retries;
 mod signing;
 mod systemd;
 mod tls;
