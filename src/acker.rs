@@ -551,12 +551,21 @@ impl Acker {
             }
         }
         while let Some(settling) = s.to_dead.first() {
-            store::dead_letter(&mut self.redis, &self.names, &settling.dead)?;
+            let moved = store::dead_letter(&mut self.redis, &self.names, &settling.dead)?;
             let Settling { dead, key } = s.to_dead.remove(0);
-            self.stats.dead_lettered.fetch_add(1, Relaxed);
-            log::warn!(correlation_id = dead.id.to_string().as_str(), reason = dead.reason.as_str(),
-                dead_letter_stream = self.names.dead_letters.as_str();
-                "moved to the dead letters");
+            match moved {
+                store::DeadLettered::Moved => {
+                    self.stats.dead_lettered.fetch_add(1, Relaxed);
+                    log::warn!(correlation_id = dead.id.to_string().as_str(), reason = dead.reason.as_str(),
+                        dead_letter_stream = self.names.dead_letters.as_str();
+                        "moved to the dead letters");
+                }
+                // A repeat after a lost reply, or an entry another instance settled.
+                store::DeadLettered::WasNotPending => {
+                    log::info!(correlation_id = dead.id.to_string().as_str();
+                        "no longer pending: its dead letter was already written, nothing to move");
+                }
+            }
             if let Some(bytes) = s.lanes.forget(dead.id) {
                 self.budget.give(bytes);
             }

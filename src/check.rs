@@ -1,9 +1,12 @@
 //! `paheko-push check`: what an operator runs after installing or changing the
 //! configuration, before (or beside) the service. It validates the configuration, pings
 //! Redis, reports the stream, the consumer group with its backlog (the `lag` of XINFO
-//! GROUPS) and pending count, and the dead letters, and opens a TLS connection to the
-//! plugin's host to verify its certificate against the roots the worker trusts — without
-//! posting anything, reading nothing from the stream and changing nothing in Redis. One
+//! GROUPS) and pending count, and the dead letters (and among them the records of
+//! tickets trimmed before they were read), says when the Redis version cannot count
+//! such losses (before 7) or is too old to run with (before 6.2), and opens a TLS
+//! connection to the plugin's host to verify its certificate against the roots the
+//! worker trusts — without posting anything, reading nothing from the stream and
+//! changing nothing in Redis. One
 //! line per check on stdout (`ok`, `warn`, `FAIL` or `skip`), secrets redacted; exit 0
 //! when nothing failed, 1 otherwise, 2 for a configuration error.
 
@@ -17,7 +20,7 @@ use redis::streams::StreamInfoGroupsReply;
 use crate::Error;
 use crate::config::{Config, redact_url};
 use crate::logging::Redactor;
-use crate::store::Redis;
+use crate::store::{self, Redis, Support};
 
 pub const USAGE: &str = "usage: paheko-push check
 Checks the configuration, Redis (stream, group, backlog, pending, dead letters) and the
@@ -137,14 +140,17 @@ fn redis_checks(config: &Config) -> Vec<Line> {
                 return lines;
             }
         };
-    let info: Result<String, _> = redis.query(redis::cmd("INFO").arg("server"));
-    let version = match info {
-        Ok(info) => info
-            .lines()
-            .find_map(|l| l.strip_prefix("redis_version:"))
-            .unwrap_or("version unknown")
-            .trim()
-            .to_string(),
+    let version = match store::server_version(&mut redis) {
+        Ok(version) => version,
+        Err(e) if e.kind() == redis::ErrorKind::UnexpectedReturnType => {
+            let mut lines = vec![line(
+                Status::Fail,
+                "redis",
+                format!("{url}: cannot tell the server's version ({e})"),
+            )];
+            lines.extend(skipped("Redis version unknown"));
+            return lines;
+        }
         Err(e) => {
             let mut lines = vec![line(
                 Status::Fail,
@@ -155,11 +161,15 @@ fn redis_checks(config: &Config) -> Vec<Line> {
             return lines;
         }
     };
-    let mut lines = vec![line(
-        Status::Ok,
-        "redis",
-        format!("{url} answers (Redis {version})"),
-    )];
+    let support = Support::of(version);
+    let answers = format!("{url} answers (Redis {version})");
+    let mut lines = vec![match support.warning(version) {
+        None => line(Status::Ok, "redis", answers),
+        Some(warning) if support == Support::TooOld => {
+            line(Status::Fail, "redis", format!("{answers}: {warning}"))
+        }
+        Some(warning) => line(Status::Warn, "redis", format!("{answers}: {warning}")),
+    }];
 
     let stream = &config.stream;
     match key_type(&mut redis, stream) {
@@ -195,14 +205,23 @@ fn redis_checks(config: &Config) -> Vec<Line> {
 
     let dead = &config.dead_letter_stream;
     let length: Result<u64, _> = redis.query(redis::cmd("XLEN").arg(dead));
-    lines.push(match length {
-        Ok(0) => line(Status::Ok, "dead letters", format!("{dead}: none")),
-        Ok(n) => line(
+    let trimmed = store::trimmed_records(&mut redis, dead, false);
+    lines.push(match (length, trimmed) {
+        (Ok(0), _) => line(Status::Ok, "dead letters", format!("{dead}: none")),
+        (Ok(n), Ok(0)) => line(
             Status::Warn,
             "dead letters",
             format!("{dead}: {n} events the plugin refused (see `paheko-push dead list`)"),
         ),
-        Err(e) => line(Status::Fail, "dead letters", format!("{dead}: {e}")),
+        (Ok(n), Ok(t)) => line(
+            Status::Warn,
+            "dead letters",
+            format!(
+                "{dead}: {n} in all, of which {t} for tickets trimmed before they were read \
+                 (lost: see `paheko-push dead list`)"
+            ),
+        ),
+        (Err(e), _) | (_, Err(e)) => line(Status::Fail, "dead letters", format!("{dead}: {e}")),
     });
     lines
 }

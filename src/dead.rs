@@ -3,8 +3,14 @@
 //! docs/dead-letters.md). A dead letter is the original entry's fields followed by the
 //! six fields of [`crate::store::DEAD_LETTER_FIELDS`]; the tools strip exactly those
 //! last six pairs to recover the original, never look them up by name (an original
-//! field may be called `reason`). Every change (replay, drop) checks all the IDs first and then runs
-//! in one MULTI/EXEC under WATCH of the dead-letter stream, so it is all or nothing.
+//! field may be called `reason`). Every change is all or nothing and checks every ID
+//! first: a replay is one server-side script that puts the entries back only if every
+//! dead letter is still there, and deletes them in the same step, so a replay run twice
+//! (or retried after a lost answer) never puts a ticket back twice; a drop is one
+//! MULTI/EXEC under WATCH of the dead-letter stream. A replayed entry carries its first
+//! ID in [`IDEMPOTENCY_KEY_FIELD`], which the worker sends as the `Idempotency-Key`.
+//! A `trimmed` record (tickets the producer's MAXLEN trimmed before they were read) has
+//! no payload: `show` explains it, `replay` refuses it.
 //! This module only runs on an operator's command: it never starts the worker, its
 //! logger or its health server. Data goes to stdout, messages to stderr.
 
@@ -13,13 +19,15 @@ use std::fmt;
 use std::io::{self, Write};
 use std::time::Duration;
 
-use redis::{RedisError, Value};
+use std::sync::LazyLock;
+
+use redis::{RedisError, Script, Value};
 
 use crate::Error;
 use crate::config::{self, Config};
-use crate::event::{Entry, Field, StreamId, entries_from};
+use crate::event::{Entry, Field, IDEMPOTENCY_KEY_FIELD, StreamId, entries_from};
 use crate::logging::Redactor;
-use crate::store::{DEAD_LETTER_FIELDS, Redis};
+use crate::store::{DEAD_LETTER_FIELDS, Redis, trimmed_key};
 
 pub const USAGE: &str = "usage: paheko-push dead list [--json]
        paheko-push dead show ID...
@@ -27,13 +35,19 @@ pub const USAGE: &str = "usage: paheko-push dead list [--json]
        paheko-push dead drop ID...
 IDs are those of the dead-letter stream (first column of `dead list`).
 Exit codes: 0 done, 1 Redis unreachable or failed, 2 usage or configuration error,
-3 unknown ID (nothing was changed), 4 not a dead letter paheko-push wrote.";
+3 unknown ID (nothing was changed), 4 not a dead letter paheko-push wrote,
+5 a trimmed record, which has nothing to replay (nothing was changed).";
 
 /// An ID that is not in the dead-letter stream; nothing was changed.
 pub const EXIT_UNKNOWN_ID: u8 = 3;
 /// An entry whose last fields are not the dead-letter fields, so its original fields
 /// cannot be told apart; it can be shown and dropped, not replayed.
 pub const EXIT_NOT_A_DEAD_LETTER: u8 = 4;
+/// A `trimmed` record named to `replay`: it counts lost tickets and holds no payload.
+pub const EXIT_NOTHING_TO_REPLAY: u8 = 5;
+
+/// The reason of the record the worker writes for entries trimmed before they were read.
+pub const TRIMMED: &str = "trimmed";
 
 /// How long one Redis command may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -159,6 +173,8 @@ pub enum Failure {
     Unknown(String),
     /// An entry that cannot be replayed; the message says which.
     NotADeadLetter(String),
+    /// `trimmed` records named to `replay`; the message says which.
+    NothingToReplay(String),
     /// The dead-letter stream kept changing under a replay or drop.
     Busy(String),
     /// Writing to stdout failed.
@@ -171,6 +187,7 @@ impl Failure {
         match self {
             Failure::Unknown(_) => EXIT_UNKNOWN_ID,
             Failure::NotADeadLetter(_) => EXIT_NOT_A_DEAD_LETTER,
+            Failure::NothingToReplay(_) => EXIT_NOTHING_TO_REPLAY,
             Failure::Unreachable(_) | Failure::Redis(_) | Failure::Busy(_) | Failure::Output(_) => {
                 1
             }
@@ -185,6 +202,7 @@ impl fmt::Display for Failure {
             | Failure::Redis(m)
             | Failure::Unknown(m)
             | Failure::NotADeadLetter(m)
+            | Failure::NothingToReplay(m)
             | Failure::Busy(m) => f.write_str(m),
             Failure::Output(e) => write!(f, "cannot write the output: {e}"),
         }
@@ -279,6 +297,87 @@ impl DeadEntry {
             .and_then(|m| m.original_id.parse().ok())
             .unwrap_or(self.id)
     }
+
+    /// A record of entries trimmed before they were read, not a refused entry.
+    pub fn is_trimmed(&self) -> bool {
+        self.meta.as_ref().is_some_and(|m| m.reason == TRIMMED)
+    }
+
+    /// What a replay writes back: the original fields, plus the ID the entry first had
+    /// as [`IDEMPOTENCY_KEY_FIELD`] — unless an earlier replay already added it, so the
+    /// key stays that of the producer's entry however often it is replayed.
+    pub fn replay_fields(&self) -> Vec<Field> {
+        let mut fields = self.original.clone();
+        let has_key = fields
+            .iter()
+            .any(|(name, _)| name == IDEMPOTENCY_KEY_FIELD.as_bytes());
+        if let Some(m) = &self.meta
+            && !has_key
+            && !m.original_id.is_empty()
+        {
+            fields.push((
+                IDEMPOTENCY_KEY_FIELD.as_bytes().to_vec(),
+                m.original_id.as_bytes().to_vec(),
+            ));
+        }
+        fields
+    }
+
+    /// A `trimmed` record's `count`, `after_id` and `before_id`.
+    fn trimmed_fields(&self) -> (String, String, String) {
+        let get = |name: &str| {
+            self.original
+                .iter()
+                .find(|(n, _)| n == name.as_bytes())
+                .map_or_else(
+                    || "?".into(),
+                    |(_, v)| String::from_utf8_lossy(v).into_owned(),
+                )
+        };
+        (get("count"), get("after_id"), get("before_id"))
+    }
+}
+
+/// Puts dead letters back on the stream and deletes them, all or nothing, in one step:
+/// only if every one is still in the dead-letter stream (a replay run twice, or retried
+/// after its answer was lost, finds them gone and changes nothing) and the stream key
+/// is a stream (an XADD refused half-way would leave some back and some not).
+/// KEYS: the dead-letter stream, the stream. ARGV: per entry its dead-letter ID, its
+/// number of fields, then their names and values. Answers `{1, new IDs}`,
+/// `{0, missing IDs}` or `{2, the stream key's type}`.
+static REPLAY: LazyLock<Script> = LazyLock::new(|| Script::new(REPLAY_LUA));
+
+const REPLAY_LUA: &str = r#"
+local dead, stream = KEYS[1], KEYS[2]
+local entries, i = {}, 1
+while i <= #ARGV do
+  local id, n = ARGV[i], tonumber(ARGV[i + 1])
+  local add = {'XADD', stream, '*'}
+  for j = i + 2, i + 1 + 2 * n do add[#add + 1] = ARGV[j] end
+  entries[#entries + 1] = {id, add}
+  i = i + 2 + 2 * n
+end
+local missing = {}
+for _, e in ipairs(entries) do
+  if #redis.call('XRANGE', dead, e[1], e[1]) == 0 then missing[#missing + 1] = e[1] end
+end
+if #missing > 0 then return {0, missing} end
+local t = redis.call('TYPE', stream)['ok']
+if t ~= 'none' and t ~= 'stream' then return {2, t} end
+local ids = {}
+for k, e in ipairs(entries) do
+  ids[k] = redis.call(unpack(e[2]))
+  redis.call('XDEL', dead, e[1])
+end
+return {1, ids}
+"#;
+
+/// What the replay script did.
+enum Replayed {
+    /// The new IDs on the stream, in the order given.
+    Done(Vec<String>),
+    /// These dead letters were no longer there: nothing was changed.
+    Missing(Vec<StreamId>),
 }
 
 /// Runs a parsed command; returns the summary line for stderr.
@@ -428,14 +527,41 @@ impl Tools<'_> {
 
     fn replay(&mut self, target: &Target, out: &mut dyn Write) -> Result<Option<String>, Failure> {
         for _ in 0..TRANSACTION_ATTEMPTS {
-            self.watch()?;
             let mut entries = match target {
                 Target::All => self.read_all()?,
                 Target::Ids(ids) => self.fetch(ids, true)?,
             };
+            let (trimmed, kept): (Vec<DeadEntry>, Vec<DeadEntry>) =
+                entries.drain(..).partition(DeadEntry::is_trimmed);
+            let mut entries = kept;
+            if !trimmed.is_empty() && matches!(target, Target::Ids(_)) {
+                let ids: Vec<String> = trimmed.iter().map(|e| e.id.to_string()).collect();
+                return Err(Failure::NothingToReplay(format!(
+                    "{} in {} {} of tickets trimmed from {} before paheko-push read them: \
+                     there is no payload to replay; nothing was changed (see dead show: enter \
+                     those tickets in Paheko by hand, then drop the record)",
+                    ids.join(", "),
+                    self.dead,
+                    if ids.len() == 1 {
+                        "is a record"
+                    } else {
+                        "are records"
+                    },
+                    self.stream
+                )));
+            }
+            let skipped = (!trimmed.is_empty()).then(|| {
+                format!(
+                    "; {} left in place: nothing to replay (see dead show)",
+                    plural(trimmed.len(), "trimmed record")
+                )
+            });
+            let skipped = skipped.unwrap_or_default();
             if entries.is_empty() {
-                self.unwatch()?;
-                return Ok(Some(format!("no dead letters in {}", self.dead)));
+                return Ok(Some(format!(
+                    "no dead letters to replay in {}{skipped}",
+                    self.dead
+                )));
             }
             let malformed: Vec<String> = entries
                 .iter()
@@ -451,46 +577,63 @@ impl Tools<'_> {
                     DEAD_LETTER_FIELDS.join(", ")
                 )));
             }
-            self.check_is_stream()?;
             entries.sort_by_key(DeadEntry::replay_order);
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            let mut del = redis::cmd("XDEL");
-            del.arg(self.dead);
-            for entry in &entries {
-                let mut add = redis::cmd("XADD");
-                add.arg(self.stream).arg("*");
-                for (name, value) in &entry.original {
-                    add.arg(name.as_slice()).arg(value.as_slice());
-                }
-                pipe.add_command(add);
-                del.arg(entry.id.to_string());
-            }
-            pipe.add_command(del);
-            let results = match self.exec(&pipe)? {
-                Some(results) => results,
-                None => continue,
+            let new_ids = match self.run_replay(&entries)? {
+                Replayed::Done(new_ids) => new_ids,
+                // Gone meanwhile (dropped or replayed by someone else).
+                Replayed::Missing(missing) => match target {
+                    Target::All => continue,
+                    Target::Ids(_) => return Err(self.unknown(&missing, true)?),
+                },
             };
-            let new_ids: Vec<String> = results
-                .iter()
-                .take(entries.len())
-                .map(|v| match v {
-                    Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-                    Value::SimpleString(s) => s.clone(),
-                    other => format!("{other:?}"),
-                })
-                .collect();
             for (entry, new_id) in entries.iter().zip(&new_ids) {
                 writeln!(out, "{} {new_id}", entry.id)?;
             }
             return Ok(Some(format!(
-                "replayed {} onto {} and removed them from {}",
+                "replayed {} onto {} and removed them from {}{skipped}",
                 plural(entries.len(), "dead letter"),
                 self.stream,
                 self.dead
             )));
         }
         Err(self.busy())
+    }
+
+    /// Runs [`REPLAY`] for `entries`, in that order.
+    fn run_replay(&mut self, entries: &[DeadEntry]) -> Result<Replayed, Failure> {
+        let mut call = REPLAY.prepare_invoke();
+        call.key(self.dead).key(self.stream);
+        for entry in entries {
+            let fields = entry.replay_fields();
+            call.arg(entry.id.to_string()).arg(fields.len());
+            for (name, value) in &fields {
+                call.arg(name.as_slice()).arg(value.as_slice());
+            }
+        }
+        let reply: (i64, Vec<String>) = match self.redis.invoke(&call) {
+            Ok(reply) => reply,
+            // The connection broke around the script: Redis may or may not have run it.
+            Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
+                return Err(Failure::Unreachable(format!(
+                    "the connection to Redis at {} failed during the replay ({e}); it may or \
+                     may not have been applied, and a second run cannot replay anything \
+                     twice: check with dead list",
+                    config::redact_url(self.url)
+                )));
+            }
+            Err(e) => return Err(self.failure(e)),
+        };
+        match reply {
+            (1, new_ids) => Ok(Replayed::Done(new_ids)),
+            (0, missing) => Ok(Replayed::Missing(
+                missing.iter().filter_map(|id| id.parse().ok()).collect(),
+            )),
+            (_, kind) => Err(Failure::Redis(format!(
+                "{} holds a {}, not a stream; nothing was changed",
+                self.stream,
+                kind.first().map_or("?", String::as_str)
+            ))),
+        }
     }
 
     fn drop(&mut self, ids: &[StreamId], out: &mut dyn Write) -> Result<Option<String>, Failure> {
@@ -505,11 +648,17 @@ impl Tools<'_> {
             }
             let mut del = redis::cmd("XDEL");
             del.arg(self.dead);
+            let mut forget = redis::cmd("SREM");
+            forget.arg(trimmed_key(self.dead));
             for entry in &entries {
                 del.arg(entry.id.to_string());
+                forget.arg(entry.id.to_string());
             }
             let mut pipe = redis::pipe();
             pipe.atomic().add_command(del);
+            if entries.iter().any(DeadEntry::is_trimmed) {
+                pipe.add_command(forget);
+            }
             if self.exec(&pipe)?.is_none() {
                 continue;
             }
@@ -536,12 +685,6 @@ impl Tools<'_> {
         self.redis.query::<()>(&cmd).map_err(|e| self.failure(e))
     }
 
-    fn unwatch(&mut self) -> Result<(), Failure> {
-        self.redis
-            .query::<()>(&redis::cmd("UNWATCH"))
-            .map_err(|e| self.failure(e))
-    }
-
     /// MULTI/EXEC; `None` when a watched key changed and nothing was done.
     fn exec(&mut self, pipe: &redis::Pipeline) -> Result<Option<Vec<Value>>, Failure> {
         match self.redis.query_pipeline::<Value>(pipe) {
@@ -556,21 +699,6 @@ impl Tools<'_> {
                 "the connection to Redis at {} failed during the change ({e}); it may or \
                  may not have been applied: check with dead list",
                 config::redact_url(self.url)
-            ))),
-        }
-    }
-
-    /// An XADD onto a key of another type would fail inside the transaction, after the
-    /// XDEL had run: the entry would be lost. So it is checked first.
-    fn check_is_stream(&mut self) -> Result<(), Failure> {
-        let mut cmd = redis::cmd("TYPE");
-        cmd.arg(self.stream);
-        let kind: String = self.redis.query(&cmd).map_err(|e| self.failure(e))?;
-        match kind.as_str() {
-            "stream" | "none" => Ok(()),
-            other => Err(Failure::Redis(format!(
-                "{} holds a {other}, not a stream; nothing was changed",
-                self.stream
             ))),
         }
     }
@@ -629,7 +757,11 @@ fn cells(entry: &DeadEntry) -> [String; 8] {
     match &entry.meta {
         Some(m) => [
             entry.id.to_string(),
-            one_line(&m.original_id),
+            if m.original_id.is_empty() {
+                "-".into()
+            } else {
+                one_line(&m.original_id)
+            },
             event,
             one_line(&m.reason),
             m.status.map_or_else(|| "-".into(), |s| s.to_string()),
@@ -716,6 +848,24 @@ fn show(entry: &DeadEntry) -> String {
     };
     line("dead letter", &entry.id.to_string());
     match &entry.meta {
+        Some(m) if entry.is_trimmed() => {
+            let (count, after, before) = entry.trimmed_fields();
+            line("reason", &m.reason);
+            line("lost", &format!("{count} entries"));
+            line("after", &id_and_time(&after));
+            line("before", &id_and_time(&before));
+            line("dead at", &m.dead_at);
+            line("detail", &one_line(&m.detail));
+            text.push_str(&format!(
+                "\nThe producer's MAXLEN trimmed {count} entries from the stream before \
+                 paheko-push read them,\nwhile Paheko was unreachable or the worker stopped: \
+                 their tickets never reached Paheko\nand their content is gone, so there is \
+                 nothing to replay. They were written after\n{after} and before {before} \
+                 (both excluded; an ID starts with its time in ms).\nFind those tickets in \
+                 RecyClique, enter them in Paheko by hand, then drop this record.\n"
+            ));
+            return text;
+        }
         Some(m) => {
             line("original ID", &m.original_id);
             line("reason", &m.reason);
@@ -758,6 +908,18 @@ fn show(entry: &DeadEntry) -> String {
         }
     }
     text
+}
+
+/// A stream ID followed by the time it carries, for a person.
+fn id_and_time(id: &str) -> String {
+    match id.parse::<StreamId>() {
+        Ok(StreamId { ms: 0, .. }) => format!("{id} (the stream's beginning)"),
+        Ok(parsed) => {
+            let at = std::time::UNIX_EPOCH + Duration::from_millis(parsed.ms);
+            format!("{id} ({})", crate::clock::rfc3339(at))
+        }
+        Err(_) => id.to_string(),
+    }
 }
 
 /// Indents valid JSON two spaces a level, keeping the keys in their order and every

@@ -1,6 +1,7 @@
 //! Stream entries as the worker sees them: the entry ID, its fields exactly as the
 //! producer wrote them, and what is derived from them — the body to POST, the event
-//! type, the ordering key and the request ID. Parsing never fails the program: an entry
+//! type, the ordering key, the idempotency key and the request ID. Parsing never fails
+//! the program: an entry
 //! that cannot be delivered becomes a [`Rejected`] carrying the reason, to be
 //! dead-lettered.
 
@@ -41,6 +42,12 @@ impl FromStr for StreamId {
 /// One field of an entry, name and value as raw bytes.
 pub type Field = (Vec<u8>, Vec<u8>);
 
+/// The field `paheko-push dead replay` adds to a replayed entry: the ID the entry had
+/// when the producer first wrote it. The worker sends it as the `Idempotency-Key`, so
+/// the plugin sees one key per ticket however often it is replayed (issue 8 §6). It is
+/// never part of the body.
+pub const IDEMPOTENCY_KEY_FIELD: &str = "idempotency_key";
+
 /// An entry as read from the stream.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
@@ -60,7 +67,10 @@ pub struct Event {
     pub kind: String,
     /// Events sharing a key are delivered in stream order.
     pub key: Option<String>,
-    /// The payload's `request_id` or `correlation_id`, else the entry ID.
+    /// Sent as `Idempotency-Key` (and `webhook-id`): the [`IDEMPOTENCY_KEY_FIELD`] of a
+    /// replayed entry, else the entry ID.
+    pub idempotency_key: String,
+    /// The payload's `request_id` or `correlation_id`, else the idempotency key.
     pub request_id: String,
     /// HTTP attempts made so far, across parkings.
     pub attempts: u32,
@@ -82,7 +92,7 @@ enum Body {
 pub struct Rejected {
     pub id: StreamId,
     pub fields: Vec<Field>,
-    /// Machine-readable: `invalid_payload`, `invalid_event`.
+    /// Machine-readable: `invalid_payload`, `invalid_event`, `invalid_idempotency_key`.
     pub reason: &'static str,
     /// For a person: what exactly was wrong.
     pub detail: String,
@@ -142,6 +152,19 @@ impl Event {
                 }
             },
         };
+        let idempotency_key = match field(&fields, IDEMPOTENCY_KEY_FIELD) {
+            None => id.to_string(),
+            Some(raw) => match std::str::from_utf8(raw) {
+                Ok(k) if !k.is_empty() && is_header_value(k) => k.to_string(),
+                _ => {
+                    let detail = format!(
+                        "the {IDEMPOTENCY_KEY_FIELD} field {:?} cannot be sent in an HTTP header",
+                        String::from_utf8_lossy(raw)
+                    );
+                    return Err(reject(fields, "invalid_idempotency_key", detail));
+                }
+            },
+        };
         let payload_at = ["payload", "data"]
             .iter()
             .find_map(|name| fields.iter().position(|(f, _)| f == name.as_bytes()));
@@ -152,7 +175,8 @@ impl Event {
                 body: Body::Built(body),
                 kind,
                 key: None,
-                request_id: id.to_string(),
+                request_id: idempotency_key.clone(),
+                idempotency_key,
                 attempts: 0,
                 deliveries: 0,
                 fields,
@@ -174,7 +198,8 @@ impl Event {
             body: Body::Field(at),
             kind,
             key,
-            request_id: request_id.unwrap_or_else(|| id.to_string()),
+            request_id: request_id.unwrap_or_else(|| idempotency_key.clone()),
+            idempotency_key,
             attempts: 0,
             deliveries: 0,
             fields,
@@ -306,9 +331,12 @@ fn is_header_value(s: &str) -> bool {
     s.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b)) && s.len() <= 1024
 }
 
+/// The body of an entry without a `payload` or `data` field: its fields as the producer
+/// wrote them, so without the [`IDEMPOTENCY_KEY_FIELD`] a replay added.
 fn fields_as_json(fields: &[Field]) -> Vec<u8> {
     let object: serde_json::Map<String, serde_json::Value> = fields
         .iter()
+        .filter(|(k, _)| k != IDEMPOTENCY_KEY_FIELD.as_bytes())
         .map(|(k, v)| {
             (
                 String::from_utf8_lossy(k).into_owned(),
@@ -482,6 +510,38 @@ mod tests {
             body,
             serde_json::json!({"event": "pos.session.opened", "session_id": "s1"})
         );
+    }
+
+    #[test]
+    fn a_replayed_entry_keeps_its_first_id_as_idempotency_key() {
+        let payload = r#"{"sale_id":"s1"}"#;
+        let e = Event::parse(
+            ID,
+            fields(&[("payload", payload), ("idempotency_key", "1699999999999-7")]),
+            &keys(),
+        )
+        .unwrap();
+        assert_eq!(e.idempotency_key, "1699999999999-7");
+        assert_eq!(e.request_id, "1699999999999-7", "the X-Request-Id fallback");
+        assert_eq!(e.body(), payload.as_bytes());
+        let e = Event::parse(ID, fields(&[("payload", payload)]), &keys()).unwrap();
+        assert_eq!(e.idempotency_key, "1700000000000-3");
+        // Without a payload field the body is the producer's fields, not the added one.
+        let e = Event::parse(
+            ID,
+            fields(&[("session_id", "s1"), ("idempotency_key", "1-1")]),
+            &keys(),
+        )
+        .unwrap();
+        assert_eq!(e.body(), br#"{"session_id":"s1"}"#);
+        assert_eq!(e.fields.len(), 2, "kept for a later dead letter");
+        let r = Event::parse(
+            ID,
+            fields(&[("payload", "{}"), ("idempotency_key", "a\nb")]),
+            &keys(),
+        )
+        .unwrap_err();
+        assert_eq!(r.reason, "invalid_idempotency_key");
     }
 
     #[test]

@@ -196,9 +196,16 @@ pub fn run(config: Config) -> Result<(), Error> {
                 shutdown: shutdown.clone(),
                 budget,
             };
-            threads.push(spawn("reader", move || reader.run(batches_tx))?);
+            let reader = spawn("reader", move || reader.run(batches_tx))?;
             for t in threads {
                 let _ = t.join();
+            }
+            // A Redis too old to run with: the reader stopped the worker, exit with it.
+            if let Ok(Err(e)) = reader.join() {
+                if let Some(health) = health {
+                    health.stop();
+                }
+                return Err(e);
             }
         }
     }
@@ -223,7 +230,10 @@ fn watched_threads(config: &Config) -> Arc<notify::Liveness> {
     notify::Liveness::new(threads)
 }
 
-fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<thread::JoinHandle<()>, Error> {
+fn spawn<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<thread::JoinHandle<T>, Error> {
     thread::Builder::new()
         .name(name.to_string())
         .spawn(f)

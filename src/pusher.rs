@@ -194,12 +194,12 @@ impl Pusher {
     }
 
     fn post(&self, event: &Event) -> Reply {
-        let id = event.id.to_string();
+        let id = &event.idempotency_key;
         let mut request = self
             .agent
             .post(&self.plugin.url)
             .header("Content-Type", "application/json")
-            .header("Idempotency-Key", &id)
+            .header("Idempotency-Key", id)
             .header("X-Request-Id", &event.request_id);
         if self.plugin.auth.sends_secret() {
             request = request.header("X-Paheko-Secret", &self.plugin.secret);
@@ -207,11 +207,11 @@ impl Pusher {
         if let Some(key) = self.plugin.auth.signing_key() {
             let timestamp = crate::clock::unix_now();
             request = request
-                .header("webhook-id", &id)
+                .header("webhook-id", id)
                 .header("webhook-timestamp", timestamp.to_string())
                 .header(
                     "webhook-signature",
-                    crate::sign::signature(key, &id, timestamp, event.body()),
+                    crate::sign::signature(key, id, timestamp, event.body()),
                 );
         }
         if !event.kind.is_empty() {

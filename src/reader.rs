@@ -1,8 +1,18 @@
 //! The reader thread: the only one that reads the stream. At start, and after any
-//! reconnection, it first re-reads this consumer's own pending entries (ID 0, in order),
-//! then blocks on new ones. It parses what it reads and hands it to the acker in
-//! batches; it refreshes the pending count for /health as it goes. A Redis error never
-//! stops it: it reconnects with backoff, recreating the group if Redis lost it.
+//! reconnection, it asks Redis its version, then re-reads this consumer's own pending
+//! entries in order — with XPENDING and XRANGE, so that this never counts as another
+//! delivery — then reads new ones. It parses what it reads and hands it to the acker in
+//! batches; it refreshes the queue figures for /health as it goes. A Redis error never
+//! stops it: it reconnects with backoff, recreating the group if Redis lost it. Only a
+//! Redis too old to run with (before 6.2) ends it, and with it the worker.
+//!
+//! On Redis 7 each read of new entries first counts the entries the producer's MAXLEN
+//! trimmed before the group read them, and records each such gap as one `trimmed` dead
+//! letter, in the same script as the read ([`store::read_new`]); the reader decides
+//! this alone, since only the read can tell, and logs it. When nothing is left to read
+//! it waits for the stream to grow with a plain XREAD (which leaves the group alone),
+//! then reads with the script: never with a blocking XREADGROUP, which would deliver
+//! what arrived meanwhile without that count.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,11 +22,12 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{SendTimeoutError, Sender};
 use redis::RedisError;
 
+use crate::Error;
 use crate::budget::{self, Budget};
 use crate::event::{Entry, Event, Incoming, StreamId};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
-use crate::store::{self, Cursor, Names, Redis};
+use crate::store::{self, Cursor, Names, Redis, Support};
 
 /// The longest a read blocks, so a stop is noticed within it.
 pub const BLOCK: Duration = Duration::from_secs(2);
@@ -47,23 +58,39 @@ pub struct Reader {
     pub budget: Arc<Budget>,
 }
 
+/// What the reader learnt of the server since it last connected.
+#[derive(Default)]
+struct Server {
+    /// `None` until connected (again): asked after every reconnection, since the Redis
+    /// behind the URL may have been replaced.
+    support: Option<Support>,
+    /// The version last warned about, so a warning is said once, not at every
+    /// reconnection.
+    warned: Option<store::Version>,
+    /// Whether the "cannot count trimmed entries" warning was given.
+    warned_uncounted: bool,
+    /// Set when the last read found the group caught up: the group's last-delivered
+    /// ID, to wait from for the stream to grow before reading again.
+    caught_up_at: Option<StreamId>,
+}
+
 impl Reader {
-    /// Reads until the stop, sending batches on `out`.
-    pub fn run(mut self, out: Sender<Vec<Incoming>>) {
-        let mut cursor = Cursor::Pending(StreamId { ms: 0, seq: 0 });
+    /// Reads until the stop, sending batches on `out`. Fails only on a Redis too old
+    /// to run with; the stop is then triggered for the whole worker.
+    pub fn run(mut self, out: Sender<Vec<Incoming>>) -> Result<(), Error> {
+        let mut cursor = Cursor::Pending(StreamId::default());
+        let mut server = Server::default();
         let mut group_ready = false;
         let mut failures = 0u32;
         let mut housekeeping_at = Instant::now();
         while !self.shutdown.is_stopping() {
             crate::notify::watchdog();
             let result = if !group_ready {
-                store::ensure_group(&mut self.redis, &self.names).map(|created| {
-                    if created {
-                        log::info!(stream = self.names.stream.as_str(), group = self.names.group.as_str();
-                            "consumer group created");
-                    }
+                self.prepare(&mut server).map(|()| {
                     group_ready = true;
-                    crate::notify::ready();
+                    if server.support != Some(Support::TooOld) {
+                        crate::notify::ready();
+                    }
                     Vec::new()
                 })
             } else if self.budget.room(COUNT) == 0 {
@@ -79,8 +106,17 @@ impl Reader {
                 housekeeping_at = Instant::now() + HOUSEKEEPING_EVERY;
                 self.housekeeping()
             } else {
-                self.read(&mut cursor)
+                self.read(&mut cursor, &mut server)
             };
+            if server.support == Some(Support::TooOld) {
+                self.shutdown.trigger();
+                return Err(Error::Startup(
+                    server
+                        .warned
+                        .and_then(|v| Support::TooOld.warning(v))
+                        .unwrap_or_else(|| "redis: too old".into()),
+                ));
+            }
             match result {
                 Ok(batch) => {
                     if failures > 0 {
@@ -92,7 +128,7 @@ impl Reader {
                         // Busy: refresh the figures /health shows soon after, not in 10 s.
                         housekeeping_at = housekeeping_at.min(Instant::now() + BUSY_REFRESH);
                         if !self.send(&out, batch) {
-                            return;
+                            return Ok(());
                         }
                     }
                 }
@@ -100,7 +136,8 @@ impl Reader {
                     log::warn!(stream = self.names.stream.as_str(), group = self.names.group.as_str();
                         "the stream or its consumer group is gone (Redis restarted empty?): recreating it");
                     group_ready = false;
-                    cursor = Cursor::Pending(StreamId { ms: 0, seq: 0 });
+                    server.caught_up_at = None;
+                    cursor = Cursor::Pending(StreamId::default());
                 }
                 Err(e) => {
                     self.stats.set_redis_ok(false);
@@ -109,40 +146,97 @@ impl Reader {
                         "redis read failed: reconnecting");
                     failures += 1;
                     group_ready = false;
+                    server.support = None;
+                    server.caught_up_at = None;
                     // The reply may have been lost after Redis delivered entries to us:
                     // they are in our pending list, so read that again first.
-                    cursor = Cursor::Pending(StreamId { ms: 0, seq: 0 });
+                    cursor = Cursor::Pending(StreamId::default());
                     self.shutdown.sleep(delay);
                 }
             }
         }
+        Ok(())
     }
 
-    /// One XREADGROUP: this consumer's pending entries after the cursor, or new ones.
-    fn read(&mut self, cursor: &mut Cursor) -> Result<Vec<Incoming>, RedisError> {
-        let count = self.budget.room(COUNT);
-        let entries = store::read(&mut self.redis, &self.names, *cursor, count, BLOCK)?;
-        let Cursor::Pending(_) = *cursor else {
-            return Ok(self.incoming(entries, &HashMap::new()));
-        };
-        *cursor = match entries.last() {
-            Some(last) => Cursor::Pending(last.id),
-            None => Cursor::New,
-        };
-        let counts = match (entries.first(), entries.last()) {
-            (Some(first), Some(last)) => store::delivery_counts(
-                &mut self.redis,
-                &self.names,
-                first.id,
-                last.id,
-                entries.len(),
-            )?,
-            _ => HashMap::new(),
-        };
-        if !entries.is_empty() {
-            log::info!(entries = entries.len(); "taking back this consumer's pending entries");
+    /// After (re)connecting: what the server supports, said once when it is less than
+    /// everything; then the group, created if missing.
+    fn prepare(&mut self, server: &mut Server) -> Result<(), RedisError> {
+        let version = store::server_version(&mut self.redis)?;
+        let support = Support::of(version);
+        server.support = Some(support);
+        if let Some(warning) = support.warning(version)
+            && server.warned != Some(version)
+        {
+            server.warned = Some(version);
+            match support {
+                Support::TooOld => log::error!(redis_version = version.to_string().as_str();
+                    "{warning}: stopping"),
+                _ => log::warn!(redis_version = version.to_string().as_str(); "{warning}"),
+            }
         }
-        Ok(self.incoming(entries, &counts))
+        if support == Support::TooOld {
+            return Ok(());
+        }
+        if store::ensure_group(&mut self.redis, &self.names, support)? {
+            log::info!(stream = self.names.stream.as_str(), group = self.names.group.as_str();
+                "consumer group created");
+        }
+        store::ensure_consumer(&mut self.redis, &self.names)
+    }
+
+    /// One read: this consumer's pending entries after the cursor, or new ones.
+    fn read(
+        &mut self,
+        cursor: &mut Cursor,
+        server: &mut Server,
+    ) -> Result<Vec<Incoming>, RedisError> {
+        let count = self.budget.room(COUNT);
+        match *cursor {
+            Cursor::Pending(after) => {
+                let after = (after != StreamId::default()).then_some(after);
+                let pending = store::read_pending(&mut self.redis, &self.names, after, count)?;
+                *cursor = match pending.last() {
+                    Some(last) => Cursor::Pending(last.entry.id),
+                    None => Cursor::New,
+                };
+                if !pending.is_empty() {
+                    log::info!(entries = pending.len(); "taking back this consumer's pending entries");
+                }
+                let counts = pending.iter().map(|p| (p.entry.id, p.deliveries)).collect();
+                let entries = pending.into_iter().map(|p| p.entry).collect();
+                Ok(self.incoming(entries, &counts))
+            }
+            Cursor::New if server.support == Some(Support::Full) => {
+                if let Some(after) = server.caught_up_at {
+                    if !store::wait_for_new(&mut self.redis, &self.names, after, BLOCK)? {
+                        return Ok(Vec::new());
+                    }
+                    server.caught_up_at = None;
+                }
+                let new = store::read_new(&mut self.redis, &self.names, count)?;
+                if let Some(t) = new.trimmed {
+                    self.stats.lost_to_trim.fetch_add(t.count, Relaxed);
+                    self.stats.trimmed_records.fetch_add(1, Relaxed);
+                    log::error!(count = t.count, after_id = t.after.to_string().as_str(),
+                        before_id = t.before.to_string().as_str(), dead_letter = t.record.to_string().as_str(),
+                        dead_letter_stream = self.names.dead_letters.as_str();
+                        "{} entries were trimmed from the stream (the producer's MAXLEN) before they were read: lost, recorded as one 'trimmed' dead letter", t.count);
+                }
+                if !new.counted && !server.warned_uncounted {
+                    server.warned_uncounted = true;
+                    log::warn!(group = self.names.group.as_str();
+                        "the group's entries-read counter is unknown (moved with XGROUP SETID, or entries deleted with XDEL): entries trimmed before they were read cannot be counted this time");
+                }
+                if new.entries.is_empty() {
+                    server.caught_up_at = Some(new.last_delivered);
+                }
+                Ok(self.incoming(new.entries, &HashMap::new()))
+            }
+            Cursor::New => {
+                let entries = store::read_blocking(&mut self.redis, &self.names, count, BLOCK)?;
+                Ok(self.incoming(entries, &HashMap::new()))
+            }
+        }
     }
 
     /// Takes over entries idle longer than the claim idle time from any consumer of the
@@ -249,6 +343,7 @@ impl Reader {
             self.stats.oldest_pending_age_seconds.store(age, Relaxed);
             self.stats.lag.store(q.lag.unwrap_or(0), Relaxed);
             self.stats.dead_letters.store(q.dead_letters, Relaxed);
+            self.stats.trimmed_records.store(q.trimmed_records, Relaxed);
         }
         let warning = self.stats.backlog_warning();
         let (pending, lag) = (

@@ -47,6 +47,9 @@ pub struct Stats {
     /// Entries held in memory (read, not yet settled) and their fields' bytes.
     pub held: AtomicU64,
     pub held_bytes: AtomicU64,
+    /// `trimmed` records in the dead-letter stream (tickets lost before they were
+    /// read), as the reader last counted them; /health stays degraded while any remain.
+    pub trimmed_records: AtomicU64,
     pub request_duration: Histogram,
 }
 

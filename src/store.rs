@@ -1,12 +1,23 @@
 //! Everything the worker asks of Redis, in one place: the connection (re-established
-//! after any error), the consumer group, reading, acknowledging, dead-lettering and the
-//! pending count. The reader and the acker each own a [`Redis`] of their own, so a
-//! blocked read never delays an acknowledgement.
+//! after any error), the server's version, the consumer group, reading, acknowledging,
+//! dead-lettering and the pending count. The reader and the acker each own a [`Redis`]
+//! of their own, so a blocked read never delays an acknowledgement.
+//!
+//! Three moves must be atomic and are each one server-side Lua script (EVALSHA, loaded
+//! on first use): reading new entries together with the count of those the producer's
+//! MAXLEN trimmed before the group read them ([`read_new`]); re-reading pending entries
+//! without raising their delivery count ([`read_pending`]); and moving an entry to the
+//! dead letters, which writes the copy and acknowledges only while the entry is still
+//! pending ([`dead_letter`]). A script that fails part-way writes nothing, since each
+//! checks what could fail before its first write.
 
 use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::{Connection, ErrorKind, RedisError, Value};
+use redis::{Connection, ErrorKind, RedisError, Script, Value};
 
 use crate::event::{Entry, Field, StreamId};
 
@@ -95,6 +106,109 @@ impl Redis {
         }
         result
     }
+
+    /// Runs a script with EVALSHA, loading it first when the server does not know it
+    /// (a new or restarted Redis).
+    pub fn invoke<T: redis::FromRedisValue>(
+        &mut self,
+        script: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, RedisError> {
+        let result = self.conn().and_then(|c| script.invoke(c));
+        if let Err(e) = &result
+            && !is_server_reply(e)
+        {
+            self.conn = None;
+        }
+        result
+    }
+}
+
+/// A Redis server version, as `INFO server` gives it (`redis_version:7.0.15`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+impl FromStr for Version {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Version, String> {
+        let mut parts = s.trim().splitn(3, '.').map(|p| {
+            // "7.2.4-rc1" and the like: the leading digits count.
+            let digits: String = p.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse::<u32>()
+        });
+        match (parts.next(), parts.next(), parts.next().unwrap_or(Ok(0))) {
+            (Some(Ok(major)), Some(Ok(minor)), Ok(patch)) => Ok(Version {
+                major,
+                minor,
+                patch,
+            }),
+            _ => Err(format!("not a Redis version: {s:?}")),
+        }
+    }
+}
+
+/// What the worker can do with a given Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Support {
+    /// Redis 7 or later: everything, including the exact count of the entries the
+    /// producer's MAXLEN trimmed before the group read them (XINFO's entries-added and
+    /// entries-read appeared in 7.0).
+    Full,
+    /// Redis 6.2: everything but that count; such entries are lost without a word.
+    NoTrimCount,
+    /// Before 6.2: no XAUTOCLAIM, nor the exclusive ranges of XPENDING; the worker
+    /// refuses to run.
+    TooOld,
+}
+
+impl Support {
+    pub fn of(version: Version) -> Support {
+        let v = (version.major, version.minor);
+        if v >= (7, 0) {
+            Support::Full
+        } else if v >= (6, 2) {
+            Support::NoTrimCount
+        } else {
+            Support::TooOld
+        }
+    }
+
+    /// What an operator is told, at start and by `check`; `None` when all is well.
+    pub fn warning(self, version: Version) -> Option<String> {
+        match self {
+            Support::Full => None,
+            Support::NoTrimCount => Some(format!(
+                "Redis {version} cannot count the tickets its MAXLEN trims before they are \
+                 read: such losses go unnoticed; Redis 7 or later counts them"
+            )),
+            Support::TooOld => Some(format!(
+                "Redis {version} is too old: paheko-push needs Redis 6.2 or later (XAUTOCLAIM)"
+            )),
+        }
+    }
+}
+
+/// The server's version, from `INFO server`.
+pub fn server_version(redis: &mut Redis) -> Result<Version, RedisError> {
+    let info: String = redis.query(redis::cmd("INFO").arg("server"))?;
+    version_in_info(&info).map_err(unexpected)
+}
+
+fn version_in_info(info: &str) -> Result<Version, String> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .ok_or_else(|| "INFO server names no redis_version".to_string())?
+        .parse()
 }
 
 /// True for an error the server answered (NOGROUP, WRONGTYPE…), after which the
@@ -112,19 +226,40 @@ pub fn is_no_group(e: &RedisError) -> bool {
 }
 
 /// Creates the group at ID 0 (so entries written before the first start are delivered),
-/// and the stream with it when absent. An existing group is left as it is.
-pub fn ensure_group(redis: &mut Redis, names: &Names) -> Result<bool, RedisError> {
+/// and the stream with it when absent. An existing group is left as it is. On Redis 7
+/// the group starts with an entries-read counter of 0, so that entries trimmed before
+/// its first read are counted too.
+pub fn ensure_group(
+    redis: &mut Redis,
+    names: &Names,
+    support: Support,
+) -> Result<bool, RedisError> {
     let mut cmd = redis::cmd("XGROUP");
     cmd.arg("CREATE")
         .arg(&names.stream)
         .arg(&names.group)
         .arg("0")
         .arg("MKSTREAM");
+    if support == Support::Full {
+        cmd.arg("ENTRIESREAD").arg(0);
+    }
     match redis.query::<()>(&cmd) {
         Ok(()) => Ok(true),
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Makes this consumer known to the group (XGROUP CREATECONSUMER, Redis 6.2), so that
+/// XINFO CONSUMERS shows the worker as soon as it is ready: a non-blocking XREADGROUP
+/// that finds nothing, as [`read_new`]'s, does not create it.
+pub fn ensure_consumer(redis: &mut Redis, names: &Names) -> Result<(), RedisError> {
+    let mut cmd = redis::cmd("XGROUP");
+    cmd.arg("CREATECONSUMER")
+        .arg(&names.stream)
+        .arg(&names.group)
+        .arg(&names.consumer);
+    redis.query::<i64>(&cmd).map(|_| ())
 }
 
 /// Where a read starts: this consumer's own pending entries after an ID, or new ones.
@@ -134,11 +269,11 @@ pub enum Cursor {
     New,
 }
 
-/// XREADGROUP for this consumer. `block` applies to new entries only.
-pub fn read(
+/// XREADGROUP of new entries for this consumer, blocking up to `block`: the read of a
+/// Redis that cannot count trimmed entries (6.2). See [`read_new`] for Redis 7.
+pub fn read_blocking(
     redis: &mut Redis,
     names: &Names,
-    cursor: Cursor,
     count: usize,
     block: Duration,
 ) -> Result<Vec<Entry>, RedisError> {
@@ -147,15 +282,12 @@ pub fn read(
         .arg(&names.group)
         .arg(&names.consumer)
         .arg("COUNT")
-        .arg(count);
-    let from = match cursor {
-        Cursor::Pending(after) => after.to_string(),
-        Cursor::New => {
-            cmd.arg("BLOCK").arg(block.as_millis() as u64);
-            ">".to_string()
-        }
-    };
-    cmd.arg("STREAMS").arg(&names.stream).arg(from);
+        .arg(count)
+        .arg("BLOCK")
+        .arg(block.as_millis() as u64)
+        .arg("STREAMS")
+        .arg(&names.stream)
+        .arg(">");
     let reply: Value = redis.query(&cmd)?;
     match reply {
         Value::Nil => Ok(Vec::new()),
@@ -168,6 +300,264 @@ pub fn read(
         },
         other => Err(unexpected(format!("XREADGROUP answered {other:?}"))),
     }
+}
+
+/// Entries the producer's MAXLEN trimmed from the stream after the group last read and
+/// before anyone read them: their tickets never reached Paheko. The bounds are those
+/// Redis still knows, both exclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trimmed {
+    pub count: u64,
+    /// The last entry the group read before the gap (`0-0` when it had read none).
+    pub after: StreamId,
+    /// The first entry still in the stream after the gap.
+    pub before: StreamId,
+    /// The `trimmed` record written to the dead-letter stream for it.
+    pub record: StreamId,
+}
+
+/// What one [`read_new`] gave.
+#[derive(Debug, Default)]
+pub struct NewEntries {
+    pub entries: Vec<Entry>,
+    /// The group's last-delivered ID before the read: where to wait from
+    /// ([`wait_for_new`]) when nothing was read.
+    pub last_delivered: StreamId,
+    /// The gap found, and recorded, just before the read.
+    pub trimmed: Option<Trimmed>,
+    /// False when the group's entries-read counter was unknown (the group was moved
+    /// with XGROUP SETID, or entries were deleted with XDEL) while entries before the
+    /// stream's first one may have been trimmed: such a gap cannot be counted.
+    pub counted: bool,
+}
+
+/// The Redis 7 read of new entries, one script so that nothing can slip in between:
+/// compares XINFO STREAM (entries-added, length, first entry) with the group's
+/// entries-read and last-delivered-id; when entries after the group's last read are no
+/// longer in the stream, it writes one `trimmed` dead letter (`count`, `after_id`,
+/// `before_id`), remembers it in the set of [`trimmed_key`], corrects the group's
+/// entries-read counter (which Redis would otherwise leave short by the gap, making
+/// the next gap uncountable), and only then runs a non-blocking XREADGROUP. Checking in
+/// one round trip and reading in another would leave a window in which the producer
+/// trims and the read jumps the gap unseen.
+static READ_NEW: LazyLock<Script> = LazyLock::new(|| Script::new(READ_NEW_LUA));
+
+const READ_NEW_LUA: &str = r#"
+local stream, dead, trimmed = KEYS[1], KEYS[2], KEYS[3]
+local group, consumer, count, dead_at = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if redis.call('EXISTS', stream) == 0 then
+  return redis.error_reply('NOGROUP no stream ' .. stream)
+end
+local function map(flat)
+  local m = {}
+  for i = 1, #flat, 2 do m[flat[i]] = flat[i + 1] end
+  return m
+end
+-- Stream IDs as text, compared exactly (no float rounding of a large sequence).
+local function before(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if #am ~= #bm then return #am < #bm end
+  if am ~= bm then return am < bm end
+  if #as ~= #bs then return #as < #bs end
+  return as < bs
+end
+local g
+for _, raw in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+  local m = map(raw)
+  if m['name'] == group then g = m break end
+end
+if not g then
+  return redis.error_reply('NOGROUP no group ' .. group .. ' on ' .. stream)
+end
+local last, read = g['last-delivered-id'], g['entries-read']
+-- A group at 0-0 has read nothing, whatever Redis says of its counter.
+if not read and last == '0-0' then read = 0 end
+local s = map(redis.call('XINFO', 'STREAM', stream))
+local first = s['first-entry']
+local gap, counted = {}, 1
+if first and before(last, first[1]) then
+  if not read then
+    counted = 0
+  else
+    local lost = s['entries-added'] - s['length'] - read
+    if lost > 0 then
+      for _, key in ipairs({{dead, 'stream'}, {trimmed, 'set'}}) do
+        local t = redis.call('TYPE', key[1])['ok']
+        if t ~= 'none' and t ~= key[2] then
+          return redis.error_reply('WRONGTYPE ' .. key[1] .. ' holds a ' .. t ..
+            ', not a ' .. key[2] .. ': cannot record ' .. lost .. ' trimmed entries')
+        end
+      end
+      local detail = lost .. ' entries written to ' .. stream .. ' after ' .. last ..
+        ' and before ' .. first[1] .. ' were trimmed (MAXLEN) before paheko-push read' ..
+        ' them: they never reached Paheko and cannot be replayed'
+      local id = redis.call('XADD', dead, '*', 'count', lost, 'after_id', last,
+        'before_id', first[1], 'original_id', '', 'reason', 'trimmed', 'status', '',
+        'attempts', 0, 'dead_at', dead_at, 'detail', detail)
+      redis.call('SADD', trimmed, id)
+      redis.call('XGROUP', 'SETID', stream, group, last, 'ENTRIESREAD',
+        s['entries-added'] - s['length'])
+      gap = {lost, last, first[1], id}
+    end
+  end
+end
+local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count,
+  'STREAMS', stream, '>')
+local entries = {}
+if reply then entries = reply[1][2] end
+return {entries, last, gap, counted}
+"#;
+
+/// Reads up to `count` new entries for this consumer without blocking, after
+/// recording any entries trimmed before the group read them (Redis 7; see
+/// [`READ_NEW`]).
+pub fn read_new(redis: &mut Redis, names: &Names, count: usize) -> Result<NewEntries, RedisError> {
+    let dead_at = crate::clock::rfc3339(std::time::SystemTime::now());
+    let mut call = READ_NEW.prepare_invoke();
+    call.key(&names.stream)
+        .key(&names.dead_letters)
+        .key(trimmed_key(&names.dead_letters))
+        .arg(&names.group)
+        .arg(&names.consumer)
+        .arg(count)
+        .arg(dead_at);
+    parse_new(redis.invoke(&call)?)
+}
+
+fn parse_new(reply: Value) -> Result<NewEntries, RedisError> {
+    let Value::Array(parts) = reply else {
+        return Err(unexpected(format!("the read script answered {reply:?}")));
+    };
+    let [entries, last, gap, counted] = <[Value; 4]>::try_from(parts)
+        .map_err(|p| unexpected(format!("the read script answered {p:?}")))?;
+    let trimmed = match gap {
+        Value::Array(g) if g.is_empty() => None,
+        Value::Array(g) if g.len() == 4 => Some(Trimmed {
+            count: redis::from_redis_value_ref(&g[0])?,
+            after: id_of(&g[1])?,
+            before: id_of(&g[2])?,
+            record: id_of(&g[3])?,
+        }),
+        other => return Err(unexpected(format!("the read script's gap is {other:?}"))),
+    };
+    Ok(NewEntries {
+        entries: crate::event::entries_from(entries).map_err(unexpected)?,
+        last_delivered: id_of(&last)?,
+        trimmed,
+        counted: counted != Value::Int(0),
+    })
+}
+
+fn id_of(v: &Value) -> Result<StreamId, RedisError> {
+    let text: String = redis::from_redis_value_ref(v)?;
+    text.parse().map_err(unexpected)
+}
+
+/// Blocks up to `block` until the stream holds an entry after `after` (XREAD, which
+/// leaves the group alone); true when there is one. The worker waits with this rather
+/// than with XREADGROUP BLOCK, which would deliver what the producer wrote meanwhile
+/// without [`read_new`]'s check: a producer writing past its MAXLEN in one go would
+/// have its trimmed entries jumped unseen.
+pub fn wait_for_new(
+    redis: &mut Redis,
+    names: &Names,
+    after: StreamId,
+    block: Duration,
+) -> Result<bool, RedisError> {
+    let mut cmd = redis::cmd("XREAD");
+    cmd.arg("COUNT")
+        .arg(1)
+        .arg("BLOCK")
+        .arg(block.as_millis() as u64)
+        .arg("STREAMS")
+        .arg(&names.stream)
+        .arg(after.to_string());
+    let reply: Value = redis.query(&cmd)?;
+    Ok(reply != Value::Nil)
+}
+
+/// The set of the `trimmed` dead letters' IDs, beside the dead-letter stream: what
+/// /health counts (a stream cannot be searched by field). `dead drop` removes from it;
+/// IDs no longer in the dead-letter stream are pruned when counted.
+pub fn trimmed_key(dead_letters: &str) -> String {
+    format!("{dead_letters}:trimmed")
+}
+
+/// An entry of a pending list, read back without being delivered again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingEntry {
+    pub entry: Entry,
+    /// How many times Redis delivered it to a consumer so far.
+    pub deliveries: u64,
+}
+
+/// XPENDING for the IDs and delivery counts of `owner`'s pending entries after `after`,
+/// XRANGE for their fields, and XCLAIM … JUSTID of those still in the stream to this
+/// consumer, which resets their idle time without counting a delivery (XREADGROUP
+/// with an ID would count one each time, and reconnections and restarts would push
+/// tickets past PAHEKO_PUSH_MAX_DELIVERIES). An entry XRANGE no longer finds comes back
+/// without fields: it was trimmed or deleted after it was read, and stays pending
+/// until acknowledged.
+static READ_PENDING: LazyLock<Script> = LazyLock::new(|| Script::new(READ_PENDING_LUA));
+
+const READ_PENDING_LUA: &str = r#"
+local stream = KEYS[1]
+local group, owner, consumer, start, count = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local rows = redis.call('XPENDING', stream, group, start, '+', count, owner)
+local out, claim = {}, {'XCLAIM', stream, group, consumer, 0}
+for i, row in ipairs(rows) do
+  local found = redis.call('XRANGE', stream, row[1], row[1])
+  local fields = false
+  if #found == 1 then
+    fields = found[1][2]
+    claim[#claim + 1] = row[1]
+  end
+  out[i] = {row[1], row[4], fields}
+end
+if #claim > 5 then
+  claim[#claim + 1] = 'JUSTID'
+  redis.call(unpack(claim))
+end
+return out
+"#;
+
+/// Up to `count` of this consumer's pending entries after `after`, in stream order,
+/// with their delivery counts; see [`READ_PENDING`].
+pub fn read_pending(
+    redis: &mut Redis,
+    names: &Names,
+    after: Option<StreamId>,
+    count: usize,
+) -> Result<Vec<PendingEntry>, RedisError> {
+    let start = after.map_or("-".to_string(), |id| format!("({id}"));
+    let mut call = READ_PENDING.prepare_invoke();
+    call.key(&names.stream)
+        .arg(&names.group)
+        .arg(&names.consumer)
+        .arg(&names.consumer)
+        .arg(start)
+        .arg(count);
+    let reply: Value = redis.invoke(&call)?;
+    let Value::Array(rows) = reply else {
+        return Err(unexpected(format!("the pending script answered {reply:?}")));
+    };
+    rows.into_iter()
+        .map(|row| {
+            let Value::Array(row) = row else {
+                return Err(unexpected(format!("a pending row is {row:?}")));
+            };
+            let [id, deliveries, fields] = <[Value; 3]>::try_from(row)
+                .map_err(|r| unexpected(format!("a pending row is {r:?}")))?;
+            let deliveries = redis::from_redis_value_ref(&deliveries)?;
+            let pair = Value::Array(vec![id, fields]);
+            let entry = crate::event::entries_from(Value::Array(vec![pair]))
+                .map_err(unexpected)?
+                .pop()
+                .ok_or_else(|| unexpected("a pending row without its entry".into()))?;
+            Ok(PendingEntry { entry, deliveries })
+        })
+        .collect()
 }
 
 fn unexpected(detail: String) -> RedisError {
@@ -209,16 +599,58 @@ pub const DEAD_LETTER_FIELDS: [&str; 6] = [
     "detail",
 ];
 
-/// Moves an entry to the dead-letter stream: XADD there and XACK here in one
-/// MULTI/EXEC, so it is never in neither place nor acknowledged without a copy.
-pub fn dead_letter(redis: &mut Redis, names: &Names, dead: &DeadLetter) -> Result<(), RedisError> {
-    let mut add = redis::cmd("XADD");
-    add.arg(&names.dead_letters).arg("*");
+/// What [`dead_letter`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLettered {
+    /// Copied to the dead-letter stream and acknowledged.
+    Moved,
+    /// Not pending for the group (any more): nothing was written. A repeat of a move
+    /// whose answer was lost, or an entry another instance settled.
+    WasNotPending,
+}
+
+/// Moves an entry to the dead letters: XPENDING checks it is still pending for the
+/// group, XADD writes the copy, XACK acknowledges it, in one script. Redis does not
+/// roll a MULTI/EXEC back, so there an XADD refused (the key holds another type:
+/// WRONGTYPE) was followed by the XACK all the same, and the ticket was in neither
+/// place; here the script stops at the failed XADD and the entry stays pending. A
+/// repeat after a lost answer finds it no longer pending and writes nothing twice.
+static DEAD_LETTER: LazyLock<Script> = LazyLock::new(|| Script::new(DEAD_LETTER_LUA));
+
+const DEAD_LETTER_LUA: &str = r#"
+local stream, dead = KEYS[1], KEYS[2]
+local group, id = ARGV[1], ARGV[2]
+local ok, pending = pcall(redis.call, 'XPENDING', stream, group, id, id, 1)
+if not ok then
+  if string.sub(pending.err or '', 1, 7) == 'NOGROUP' then return 0 end
+  return redis.error_reply(pending.err)
+end
+if #pending == 0 then return 0 end
+local add = {'XADD', dead, '*'}
+for i = 3, #ARGV do add[#add + 1] = ARGV[i] end
+redis.call(unpack(add))
+redis.call('XACK', stream, group, id)
+return 1
+"#;
+
+/// Moves an entry to the dead-letter stream, once; see [`DEAD_LETTER`]. On an error
+/// nothing was written and the entry is still pending: try again.
+pub fn dead_letter(
+    redis: &mut Redis,
+    names: &Names,
+    dead: &DeadLetter,
+) -> Result<DeadLettered, RedisError> {
+    let id = dead.id.to_string();
+    let mut call = DEAD_LETTER.prepare_invoke();
+    call.key(&names.stream)
+        .key(&names.dead_letters)
+        .arg(&names.group)
+        .arg(&id);
     for (name, value) in &dead.fields {
-        add.arg(name.as_slice()).arg(value.as_slice());
+        call.arg(name.as_slice()).arg(value.as_slice());
     }
     let values = [
-        dead.id.to_string(),
+        id.clone(),
         dead.reason.clone(),
         dead.status.map(|s| s.to_string()).unwrap_or_default(),
         dead.attempts.to_string(),
@@ -226,15 +658,12 @@ pub fn dead_letter(redis: &mut Redis, names: &Names, dead: &DeadLetter) -> Resul
         dead.detail.clone(),
     ];
     for (name, value) in DEAD_LETTER_FIELDS.iter().zip(values) {
-        add.arg(*name).arg(value);
+        call.arg(*name).arg(value);
     }
-    let mut ack = redis::cmd("XACK");
-    ack.arg(&names.stream)
-        .arg(&names.group)
-        .arg(dead.id.to_string());
-    let mut pipe = redis::pipe();
-    pipe.atomic().add_command(add).add_command(ack);
-    redis.query_pipeline::<Value>(&pipe).map(|_| ())
+    match redis.invoke::<i64>(&call)? {
+        1 => Ok(DeadLettered::Moved),
+        _ => Ok(DeadLettered::WasNotPending),
+    }
 }
 
 /// Entries the group has read and not acknowledged; 0 when the group does not exist.
@@ -279,39 +708,103 @@ pub struct QueueStats {
     /// `None` when Redis cannot tell.
     pub lag: Option<u64>,
     pub dead_letters: u64,
+    /// `trimmed` records still in the dead-letter stream: tickets lost before they
+    /// were read, until an operator drops the records.
+    pub trimmed_records: u64,
 }
 
-/// The pending summary, the group's lag and the dead-letter count in one round trip
-/// (XPENDING, XINFO GROUPS and XLEN pipelined): the reader refreshes them while idle,
-/// and every reply is a wake-up.
+/// The pending summary, the group's lag and the dead-letter counts in one round trip
+/// (XPENDING, XINFO GROUPS, XLEN and SMEMBERS pipelined), plus one more only while
+/// `trimmed` records exist: the reader refreshes them while idle, and every reply is
+/// a wake-up.
 pub fn queue_stats(redis: &mut Redis, names: &Names) -> Result<QueueStats, RedisError> {
     let mut pipe = redis::pipe();
     add_stats_cmds(&mut pipe, names);
     let replies: Vec<Value> = redis.query_pipeline(&pipe)?;
-    if replies.len() != 3 {
-        return Err(unexpected(format!("expected 3 replies, got {replies:?}")));
+    if replies.len() != STATS_CMDS {
+        return Err(unexpected(format!(
+            "expected {STATS_CMDS} replies, got {replies:?}"
+        )));
     }
-    Ok(parse_stats(&replies, &names.group))
+    parse_stats(redis, names, &replies)
 }
+
+const STATS_CMDS: usize = 4;
 
 fn add_stats_cmds(pipe: &mut redis::Pipeline, names: &Names) {
     pipe.cmd("XPENDING").arg(&names.stream).arg(&names.group);
     pipe.cmd("XINFO").arg("GROUPS").arg(&names.stream);
     pipe.cmd("XLEN").arg(&names.dead_letters);
+    pipe.cmd("SMEMBERS").arg(trimmed_key(&names.dead_letters));
 }
 
 /// The replies of [`add_stats_cmds`], in order.
-fn parse_stats(replies: &[Value], group: &str) -> QueueStats {
+fn parse_stats(
+    redis: &mut Redis,
+    names: &Names,
+    replies: &[Value],
+) -> Result<QueueStats, RedisError> {
     let (pending, oldest_pending) = parse_pending_summary(&replies[0]);
-    QueueStats {
+    let recorded: Vec<String> = match &replies[3] {
+        Value::Nil => Vec::new(),
+        v => redis::from_redis_value_ref(v)?,
+    };
+    Ok(QueueStats {
         pending,
         oldest_pending,
-        lag: parse_lag(&replies[1], group),
+        lag: parse_lag(&replies[1], &names.group),
         dead_letters: match &replies[2] {
             Value::Int(n) => *n as u64,
             _ => 0,
         },
+        trimmed_records: count_recorded(redis, &names.dead_letters, recorded, true)?,
+    })
+}
+
+/// How many `trimmed` records the dead-letter stream holds: the members of
+/// [`trimmed_key`] still in it. With `prune`, the others (dropped, or deleted by hand)
+/// are removed from the set.
+pub fn trimmed_records(
+    redis: &mut Redis,
+    dead_letters: &str,
+    prune: bool,
+) -> Result<u64, RedisError> {
+    let recorded: Vec<String> =
+        redis.query(redis::cmd("SMEMBERS").arg(trimmed_key(dead_letters)))?;
+    count_recorded(redis, dead_letters, recorded, prune)
+}
+
+fn count_recorded(
+    redis: &mut Redis,
+    dead_letters: &str,
+    recorded: Vec<String>,
+    prune: bool,
+) -> Result<u64, RedisError> {
+    if recorded.is_empty() {
+        return Ok(0);
     }
+    let mut pipe = redis::pipe();
+    for id in &recorded {
+        pipe.cmd("XRANGE")
+            .arg(dead_letters)
+            .arg(id)
+            .arg(id)
+            .arg("COUNT")
+            .arg(1);
+    }
+    let found: Vec<Value> = redis.query_pipeline(&pipe)?;
+    let gone: Vec<&String> = recorded
+        .iter()
+        .zip(&found)
+        .filter(|(_, f)| matches!(f, Value::Array(a) if a.is_empty()))
+        .map(|(id, _)| id)
+        .collect();
+    if prune && !gone.is_empty() {
+        let mut srem = redis::cmd("SREM");
+        srem.arg(trimmed_key(dead_letters)).arg(&gone);
+        redis.query::<u64>(&srem)?;
+    }
+    Ok((recorded.len() - gone.len()) as u64)
 }
 
 /// What one XAUTOCLAIM round took over.
@@ -390,10 +883,13 @@ pub fn housekeeping(
     pipe.add_command(autoclaim_cmd(names, min_idle, StreamId::default(), count));
     add_stats_cmds(&mut pipe, names);
     let mut replies: Vec<Value> = redis.query_pipeline(&pipe)?;
-    if replies.len() != 4 {
-        return Err(unexpected(format!("expected 4 replies, got {replies:?}")));
+    if replies.len() != 1 + STATS_CMDS {
+        return Err(unexpected(format!(
+            "expected {} replies, got {replies:?}",
+            1 + STATS_CMDS
+        )));
     }
-    let stats = parse_stats(&replies[1..], &names.group);
+    let stats = parse_stats(redis, names, &replies[1..])?;
     let claimed = parse_claimed(replies.swap_remove(0))?;
     Ok((claimed, stats))
 }
@@ -479,6 +975,52 @@ pub fn reconnect_delay(n: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn v(text: &str) -> Version {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn the_redis_version_decides_what_the_worker_does() {
+        for (version, support) in [
+            ("5.0.14", Support::TooOld),
+            ("6.0.16", Support::TooOld),
+            ("6.2.0", Support::NoTrimCount),
+            ("6.2.14", Support::NoTrimCount),
+            ("7.0.0", Support::Full),
+            ("7.0.15", Support::Full),
+            ("7.2.4", Support::Full),
+            ("8.0.2", Support::Full),
+            ("10.1", Support::Full),
+        ] {
+            assert_eq!(Support::of(v(version)), support, "{version}");
+        }
+        assert_eq!(Support::of(v("7.0.15")).warning(v("7.0.15")), None);
+        let six = Support::of(v("6.2.14")).warning(v("6.2.14")).unwrap();
+        assert!(six.starts_with("Redis 6.2.14 cannot count"), "{six}");
+        let old = Support::of(v("6.0.16")).warning(v("6.0.16")).unwrap();
+        assert_eq!(
+            old,
+            "Redis 6.0.16 is too old: paheko-push needs Redis 6.2 or later (XAUTOCLAIM)"
+        );
+    }
+
+    #[test]
+    fn the_version_is_read_from_info() {
+        let info = "# Server\r\nredis_version:7.2.4\r\nredis_git_sha1:00000000\r\n";
+        assert_eq!(version_in_info(info), Ok(v("7.2.4")));
+        assert_eq!(
+            v("6.2.7-rc1"),
+            Version {
+                major: 6,
+                minor: 2,
+                patch: 7
+            }
+        );
+        assert!(version_in_info("# Server\r\n").is_err());
+        assert!("seven".parse::<Version>().is_err());
+        assert!("7".parse::<Version>().is_err());
+    }
 
     #[test]
     fn reconnect_delays_grow_then_cap() {

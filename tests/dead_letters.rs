@@ -143,6 +143,12 @@ fn assert_code(finished: &Finished, code: i32) {
     assert_eq!(finished.code(), Some(code), "{finished:?}");
 }
 
+/// `fields` followed by the `idempotency_key` a replay adds.
+fn with_key(mut fields: Vec<(String, Vec<u8>)>, key: &str) -> Vec<(String, Vec<u8>)> {
+    fields.push(("idempotency_key".into(), key.as_bytes().to_vec()));
+    fields
+}
+
 fn text_fields(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
     pairs
         .iter()
@@ -378,10 +384,11 @@ fn replay_puts_back_exactly_the_original_fields_and_a_worker_delivers_them() {
             ("event", "pos.session.closed"),
             ("payload", NOTED_PAYLOAD),
             ("reason", NOTE),
+            ("idempotency_key", &f.noted),
         ]),
-        "exactly the producer's fields, none of the dead-letter ones"
+        "exactly the producer's fields, none of the dead-letter ones, and the first ID"
     );
-    assert_eq!(fields, &f.original_fields(&f.noted));
+    assert_eq!(fields, &with_key(f.original_fields(&f.noted), &f.noted));
     let left = f.dead_ids();
     assert_eq!(left.len(), 2);
     assert!(!left.contains_key(&f.noted), "gone from the dead letters");
@@ -395,6 +402,7 @@ fn replay_puts_back_exactly_the_original_fields_and_a_worker_delivers_them() {
     let mut worker = Worker::spawn(&env);
     let got = fixed.wait_for_count(1, T);
     assert_eq!(got[0].body_text(), NOTED_PAYLOAD, "the original body");
+    assert_eq!(got[0].idempotency_key(), Some(f.noted.as_str()));
     assert_eq!(got[0].header("x-paheko-event"), Some("pos.session.closed"));
     wait_until("the replayed entry acknowledged", T, || {
         pending_count(&mut f.conn(), STREAM, GROUP) == 0
@@ -433,7 +441,11 @@ fn replay_all_moves_every_dead_letter_back_in_the_producers_order() {
     assert_eq!(added.len(), 3);
     for ((new_id, fields), (original, (_, printed))) in added.iter().zip(order.iter().zip(&pairs)) {
         assert_eq!(new_id, printed);
-        assert_eq!(fields, &f.original_fields(original), "{original}");
+        assert_eq!(
+            fields,
+            &with_key(f.original_fields(original), original),
+            "{original}"
+        );
     }
 
     let again = f.dead(&["replay", "--all"]);
@@ -602,4 +614,163 @@ fn redis_unreachable_exits_1_without_the_password() {
         assert!(finished.stderr.contains("pass=***"), "{finished:?}");
         assert_eq!(finished.stdout, "");
     }
+}
+
+/// Issue 8 §6: a ticket the plugin refused, then replayed, reaches the plugin under the
+/// entry ID the producer gave it — as `Idempotency-Key`, `webhook-id` and `X-Request-Id`
+/// (the payload names no request ID) — and with the body the plugin saw the first time,
+/// byte for byte.
+#[test]
+fn a_replayed_ticket_keeps_its_first_id_as_idempotency_key_and_its_bytes() {
+    let redis = RedisServer::start();
+    let refusing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flag = std::sync::Arc::clone(&refusing);
+    let sink = Sink::start(move |_| {
+        if flag.load(std::sync::atomic::Ordering::SeqCst) {
+            Reply::status(422).with_body(PAHEKO_SAYS)
+        } else {
+            Reply::status(204)
+        }
+    });
+    let env = env_with(
+        base_env(&redis, &sink),
+        [
+            ("REDIS_STREAM_PUSH_CAISSE", STREAM),
+            ("PAHEKO_PUSH_AUTH", "both"),
+            (
+                "PAHEKO_PLUGIN_SECRET",
+                "whsec_cGFoZWtvLXB1c2ggc2lnbmluZyBrZXkgZm9yIHRlc3Rz",
+            ),
+        ],
+    );
+    let mut conn = redis.conn();
+    let payload = r#"{ "sale_id":"s-9", "cash_session_id":"cs-9", "label":"café à 2 €" }"#;
+    let first_id = xadd(
+        &mut conn,
+        STREAM,
+        &[("event", "pos.ticket.created"), ("payload", payload)],
+    );
+    let worker = Worker::spawn(&env);
+    wait_until("dead-lettered", T, || xlen(&mut conn, DEAD) == 1);
+    let (dead_id, _) = stream_entries(&mut conn, DEAD).remove(0);
+
+    refusing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let replayed = Worker::run_to_end(&["dead", "replay", &dead_id], &env);
+    assert_code(&replayed, 0);
+    let got = sink.wait_for_count(2, T);
+    wait_until("the replay acknowledged", T, || {
+        pending_count(&mut conn, STREAM, GROUP) == 0
+    });
+    let (refused, accepted) = (&got[0], &got[1]);
+    assert_ne!(
+        replayed.stdout.split_whitespace().nth(1),
+        Some(first_id.as_str()),
+        "the replay is a new entry"
+    );
+    for r in [refused, accepted] {
+        assert_eq!(r.idempotency_key(), Some(first_id.as_str()), "{r:?}");
+        assert_eq!(r.header("webhook-id"), Some(first_id.as_str()), "{r:?}");
+        assert_eq!(r.header("x-request-id"), Some(first_id.as_str()), "{r:?}");
+    }
+    assert_eq!(accepted.body, payload.as_bytes(), "the producer's bytes");
+    assert_eq!(accepted.body, refused.body);
+    assert_eq!(xlen(&mut conn, DEAD), 0);
+    drop(worker);
+}
+
+/// Issue 8 §5: one replay script checks the dead letter is still there, puts it back
+/// and deletes it in one step, so two replays of the same dead letter — here at the
+/// same moment — put the ticket back once: one succeeds, the other finds nothing.
+#[test]
+fn a_dead_letter_replayed_twice_goes_back_once() {
+    let f = Fixture::new();
+    let dead = f.dead_ids();
+    let before = xlen(&mut f.conn(), STREAM);
+    let id = dead[&f.refused].clone();
+    let env = f.env();
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| Worker::run_to_end(&["dead", "replay", &id], &env));
+        let b = s.spawn(|| Worker::run_to_end(&["dead", "replay", &id], &env));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let mut codes = [a.code(), b.code()];
+    codes.sort();
+    assert_eq!(codes, [Some(0), Some(3)], "{a:?}\n{b:?}");
+    let again = f.dead(&["replay", &id]);
+    assert_code(&again, 3);
+    assert!(again.stderr.contains("unknown dead-letter ID"), "{again:?}");
+    let main = stream_entries(&mut f.conn(), STREAM);
+    assert_eq!(main.len() as u64, before + 1, "one entry back, not two");
+    let back: Vec<_> = main
+        .iter()
+        .filter(|(_, fields)| {
+            fields
+                .iter()
+                .any(|(n, v)| n == "idempotency_key" && v == f.refused.as_bytes())
+        })
+        .collect();
+    assert_eq!(back.len(), 1);
+    assert!(!f.dead_ids().contains_key(&f.refused));
+}
+
+/// Issue 8 §5: the dead-letter key holds a string, so the XADD of the dead letter
+/// fails (WRONGTYPE). The ticket the plugin refused must stay pending — with
+/// MULTI/EXEC the XACK ran anyway and the ticket was in neither place — and once the
+/// key is fixed it is dead-lettered, once.
+#[test]
+fn a_dead_letter_redis_refuses_leaves_the_ticket_pending_until_it_can_be_written() {
+    let redis = RedisServer::start();
+    let sink = Sink::start(|_| Reply::status(422).with_body(PAHEKO_SAYS));
+    let mut conn = redis.conn();
+    redis::cmd("SET")
+        .arg(DEAD)
+        .arg("not a stream")
+        .query::<()>(&mut conn)
+        .unwrap();
+    let id = xadd(
+        &mut conn,
+        STREAM,
+        &[
+            ("event", "pos.ticket.created"),
+            ("payload", REFUSED_PAYLOAD),
+        ],
+    );
+    let env = env_with(
+        base_env(&redis, &sink),
+        [("REDIS_STREAM_PUSH_CAISSE", STREAM)],
+    );
+    let _worker = Worker::spawn(&env);
+    sink.wait_for_count(1, T);
+    // Scripts that failed: only the dead-letter script can, here.
+    let failed_scripts = |conn: &mut redis::Connection| -> u64 {
+        let info: String = redis::cmd("INFO").arg("commandstats").query(conn).unwrap();
+        info.lines()
+            .filter(|l| l.starts_with("cmdstat_eval"))
+            .filter_map(|l| l.split(',').find_map(|f| f.strip_prefix("failed_calls=")))
+            .map(|n| n.parse::<u64>().unwrap())
+            .sum()
+    };
+    wait_until(
+        "the dead letter refused twice (tried again), or the ticket acknowledged",
+        T,
+        || failed_scripts(&mut conn) >= 2 || pending_count(&mut conn, STREAM, GROUP) == 0,
+    );
+    assert_eq!(
+        pending_count(&mut conn, STREAM, GROUP),
+        1,
+        "the refused ticket stays pending while its dead letter cannot be written"
+    );
+    redis::cmd("DEL").arg(DEAD).query::<()>(&mut conn).unwrap();
+    wait_until("dead-lettered and acknowledged", T, || {
+        xlen(&mut conn, DEAD) >= 1 && pending_count(&mut conn, STREAM, GROUP) == 0
+    });
+    let dead = stream_entries(&mut conn, DEAD);
+    assert_eq!(dead.len(), 1, "written once");
+    let original = dead[0]
+        .1
+        .iter()
+        .find(|(n, _)| n == "original_id")
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+    assert_eq!(original.as_deref(), Some(id.as_str()));
+    assert_eq!(sink.count(), 1, "refused once, not sent again");
 }

@@ -355,9 +355,10 @@ fn an_entry_delivered_too_many_times_is_dead_lettered() {
             ],
         );
     }
+    // Delivered three times to consumers: once read, twice re-read with XREADGROUP.
     let env = env_with(
         base_env(&redis, &sink),
-        [("PAHEKO_PUSH_MAX_DELIVERIES", "3")],
+        [("PAHEKO_PUSH_MAX_DELIVERIES", "2")],
     );
     let _worker = Worker::spawn(env);
     wait_until("dead-lettered", T, || xlen(&mut conn, DEAD) == 1);
@@ -368,7 +369,7 @@ fn an_entry_delivered_too_many_times_is_dead_lettered() {
     assert_eq!(get("reason"), "max_deliveries");
     assert_eq!(get("original_id"), id);
     assert!(
-        get("detail").contains("delivered 4 times"),
+        get("detail").contains("delivered 3 times"),
         "{}",
         get("detail")
     );
@@ -493,4 +494,51 @@ fn a_live_instance_keeps_its_parked_entries_from_the_other() {
     wait_until("delivered", T, || {
         pending_count(&mut conn, STREAM, GROUP) == 0
     });
+}
+
+/// Issue 8 §7: re-reading its own pending entries after a restart is not a delivery.
+/// With MAX_DELIVERIES=2 and the worker killed three times while a ticket stays
+/// pending (the plugin is down), the ticket is delivered once the plugin is back, not
+/// dead-lettered as `max_deliveries`.
+#[test]
+fn restarts_do_not_count_as_deliveries() {
+    let redis = RedisServer::start();
+    let down = Arc::new(AtomicBool::new(true));
+    let sink = Sink::down_while(&down);
+    let mut conn = redis.conn();
+    let id = publish_ticket(&mut conn, "cs-1", "unlucky");
+    let env = env_with(
+        base_env(&redis, &sink),
+        [("PAHEKO_PUSH_MAX_DELIVERIES", "2")],
+    );
+    let deliveries = |conn: &mut redis::Connection| -> u64 {
+        let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+            .arg(STREAM)
+            .arg(GROUP)
+            .arg("-")
+            .arg("+")
+            .arg(10)
+            .query(conn)
+            .unwrap();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        rows[0].3
+    };
+    for run in 1..=3 {
+        let before = sink.count();
+        let mut worker = Worker::spawn(&env);
+        if run > 1 {
+            worker.wait_for_msg("taking back this consumer's pending entries", T);
+        }
+        // Tried again by this run: it was read (or re-read), and is in hand.
+        sink.wait_for_count(before + 1, T);
+        worker.kill9();
+        assert_eq!(deliveries(&mut conn), 1, "after run {run}");
+    }
+    down.store(false, Ordering::SeqCst);
+    let worker = Worker::spawn(&env);
+    wait_until("delivered", T, || {
+        pending_count(&mut conn, STREAM, GROUP) == 0
+    });
+    assert_eq!(xlen(&mut conn, DEAD), 0, "{}", worker.stderr());
+    assert_eq!(sink.keys().last(), Some(&id));
 }

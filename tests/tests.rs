@@ -26,3 +26,4 @@ mod systemd;
 mod tls;
 #[path = "util/tls_sink.rs"]
 mod tls_sink;
+mod trim;
