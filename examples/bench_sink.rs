@@ -9,15 +9,19 @@
 //! "max_us":…}` and `POST /reset` clears them (the connection that asks counts as one). tiny_http was not used: its accept thread, message queue
 //! and per-request allocations would make the sink, not the worker, the thing measured.
 //!
+//! With `--delay-ms N` it stands in for a slow plugin instead: each POST is answered N
+//! ms after it was read (the connection's thread sleeps), as a PHP plugin that takes N
+//! ms per ticket would; `scripts/bench`'s slow-plugin scenario uses 20 ms.
+//!
 //! ```text
-//! bench_sink [--port-file PATH]     # listens on 127.0.0.1:0, writes the port there
+//! bench_sink [--port-file PATH] [--delay-ms N]   # listens on 127.0.0.1:0
 //! ```
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[derive(Default)]
 struct Counters {
@@ -30,14 +34,22 @@ struct Counters {
 
 fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let port_file = match args.as_slice() {
-        [] => None,
-        [flag, path] if flag == "--port-file" => Some(path.clone()),
-        _ => {
-            eprintln!("usage: bench_sink [--port-file PATH]");
-            std::process::exit(2);
-        }
+    let mut port_file = None;
+    let mut delay = Duration::ZERO;
+    let usage = || -> ! {
+        eprintln!("usage: bench_sink [--port-file PATH] [--delay-ms N]");
+        std::process::exit(2);
     };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        match (flag.as_str(), it.next()) {
+            ("--port-file", Some(path)) => port_file = Some(path.clone()),
+            ("--delay-ms", Some(ms)) => {
+                delay = Duration::from_millis(ms.parse().unwrap_or_else(|_| usage()));
+            }
+            _ => usage(),
+        }
+    }
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let port = listener.local_addr()?.port();
     match port_file {
@@ -55,14 +67,14 @@ fn main() -> std::io::Result<()> {
         counters.connections.fetch_add(1, Relaxed);
         let counters = Arc::clone(&counters);
         std::thread::spawn(move || {
-            let _ = serve(stream, &counters);
+            let _ = serve(stream, &counters, delay);
         });
     }
     Ok(())
 }
 
 /// Serves one keep-alive connection until the client closes it.
-fn serve(stream: TcpStream, counters: &Counters) -> std::io::Result<()> {
+fn serve(stream: TcpStream, counters: &Counters, delay: Duration) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::with_capacity(16 * 1024, stream);
@@ -130,6 +142,9 @@ fn serve(stream: TcpStream, counters: &Counters) -> std::io::Result<()> {
             _ => {
                 if let Some(sent) = sent_ns(&body) {
                     lock(counters).push(received_ns.saturating_sub(sent));
+                }
+                if !delay.is_zero() {
+                    std::thread::sleep(delay);
                 }
                 counters.posts.fetch_add(1, Relaxed);
                 writer.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")?;

@@ -25,8 +25,16 @@ ensure_command() {
 
 # php-cli: the signing tests run the PHP verification function of
 # docs/plugin-contract.md against what the worker sent (under CI=true a missing php fails).
+# Every tool a test skips without must be installed here: under CI=true the tests fail
+# instead of skipping (tests/util/mod.rs, have_tool).
 ensure_php() {
   ensure_command php php-cli php-cli php83
+}
+
+# systemd-analyze: the unit file's test verifies scripts/paheko-push.service and rates its
+# hardening (under CI=true a missing systemd-analyze fails). Debian ships it in systemd.
+ensure_systemd_analyze() {
+  ensure_command systemd-analyze systemd systemd systemd
 }
 
 # openssl: the TLS tests make a private CA and certificates with it.
@@ -38,4 +46,55 @@ ensure_openssl() {
 ensure_redis() {
   ensure_command redis-server redis-server redis redis
   ensure_command redis-cli redis-tools redis redis
+}
+
+# cargo-deb, for scripts/package: from crates.io (it is no system package).
+ensure_cargo_deb() {
+  if cargo deb --version >/dev/null 2>&1; then
+    return
+  fi
+  echo "cargo-deb is missing: installing it with cargo install" >&2
+  cargo install cargo-deb --locked
+}
+
+# Several commands at once, one apt-get run for all that are missing:
+# ensure_commands COMMAND:APT_PACKAGE … (elsewhere: one ensure_command each, same names).
+ensure_commands() {
+  local pair missing=()
+  for pair in "$@"; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+  done
+  [ "${#missing[@]}" -gt 0 ] || return 0
+  if ! command -v apt-get >/dev/null 2>&1; then
+    for pair in "$@"; do
+      ensure_command "${pair%%:*}" "${pair#*:}" "${pair#*:}" "${pair#*:}"
+    done
+    return
+  fi
+  apt_install "${missing[@]}"
+}
+
+# apt_install PACKAGE…: one apt-get update and install.
+apt_install() {
+  echo "missing, installing from the system packages: $*" >&2
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# What the packaging tests use (tests/packaging.rs, receiver.rs, alerts.rs): dpkg-deb and
+# lintian for the .deb, systemd-analyze for its units, file/ldd/unshare/chroot for the
+# static binary, podman for the image, promtool for the alert rules, nginx + php-fpm +
+# PDO/SQLite for the reference receiver. php-fpm is installed as php-fpm8.x.
+ensure_packaging_tools() {
+  ensure_commands dpkg-deb:dpkg lintian:lintian systemd-analyze:systemd file:file \
+    unshare:util-linux chroot:coreutils podman:podman promtool:prometheus nginx:nginx \
+    php:php-cli
+  if ! ls /usr/sbin/php-fpm* >/dev/null 2>&1; then
+    ensure_commands php-fpm:php-fpm
+  fi
+  if ! php -m 2>/dev/null | grep -qx pdo_sqlite; then
+    apt_install php-sqlite3
+  fi
 }

@@ -1,32 +1,39 @@
-//! The acker thread: the single owner of what happens to an entry after it is read. It
-//! admits what the reader sends into the per-key lanes ([`crate::order`]), hands the
-//! events that may go out to the pushers, and settles what they report: XACK after a
-//! delivery (batched), dead letter after a refusal, parking after retries ran out. An
+//! The acker thread: the coordinator, and the single owner of every decision about an
+//! entry after it is read. It admits what the reader sends into the per-key lanes
+//! ([`crate::order`]), hands one attempt at a time to the pushers, and decides what
+//! their answers mean ([`crate::retry`]): XACK after a delivery (batched), a dead
+//! letter after a per-ticket refusal or a ticket failing alone, the time of the next
+//! attempt otherwise, and — through the [`Breaker`] it owns — when requests may go out
+//! at all. Every wait is a timer in its loop (the next deadline is its `select!`
+//! timeout); no thread sleeps while work waits, and no lock is shared. An
 //! acknowledgement or dead letter that Redis could not take is kept and written again
-//! after a reconnect, never dropped. On stop it waits for the requests in flight, writes
-//! what they settled, and returns.
+//! after a reconnect, never dropped. On stop it sends nothing more, waits for the
+//! requests in flight, writes what they settled, and returns.
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, never, select};
 
+use crate::breaker::{Breaker, Cause, Change, Permit};
+use crate::budget::{self, Budget};
+use crate::config::RetryConfig;
 use crate::event::{Event, Incoming, StreamId};
+use crate::notify::Beat;
 use crate::order::Lanes;
-use crate::pusher::{Done, Outcome};
+use crate::pusher::{Done, Reply};
+use crate::retry::{Next, Tries, Verdict};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::store::{self, DeadLetter, Names, Redis};
 
-/// The most events held in memory at once (in flight, parked or waiting behind their
-/// lane's head). Past it the reader is held back; the rest stays in Redis.
-/// 512 keeps four reads in hand and the peak RSS of a drain near 8 MB
-/// (docs/performance.md, change 4).
-pub const MAX_HELD: usize = 512;
 /// How long a stop waits for Redis to take the last acknowledgements before giving
 /// up on them (they stay pending, and are delivered again on the next start).
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long the loop waits when no timer is set.
+const IDLE_WAIT: Duration = Duration::from_secs(3600);
 
 pub struct Acker {
     pub redis: Redis,
@@ -34,8 +41,23 @@ pub struct Acker {
     pub claim_idle: Duration,
     /// Redis deliveries after which an entry is dead-lettered; 0 = no limit.
     pub max_deliveries: u64,
+    pub retry: RetryConfig,
+    /// The 4xx statuses that dead-letter a ticket; other 4xx are plugin-wide.
+    pub dead_letter_statuses: Vec<u16>,
+    /// Rounds failed alone before a ticket is dead-lettered; 0 = never.
+    pub give_up_after_parks: u32,
+    /// Consecutive transient failures that open the circuit breaker; 0: only a
+    /// plugin-wide refusal opens it.
+    pub breaker_threshold: u32,
+    /// Attempts handed to the pushers at once: as many as there are pushers, so none
+    /// waits in the channel once the breaker opens.
+    pub window: usize,
     pub stats: Arc<Stats>,
     pub shutdown: Shutdown,
+    /// Tells the watchdog whether this thread is waiting or busy on a step.
+    pub beat: Beat,
+    /// What the reader may still read: the acker gives back what it settled.
+    pub budget: Arc<Budget>,
 }
 
 /// A dead letter waiting to be written, and the lane it unblocks once it is.
@@ -44,10 +66,22 @@ struct Settling {
     key: Option<String>,
 }
 
-#[derive(Default)]
 struct State {
     lanes: Lanes,
+    breaker: Breaker,
+    /// Events that may go out now (lane heads and keyless events), first come first
+    /// served, waiting for a pusher or the breaker.
+    ready: VecDeque<Event>,
     in_flight: usize,
+    /// The event sent as the breaker's probe, while it is out.
+    probe: Option<StreamId>,
+    /// The tickets that failed since the plugin last answered: the breaker's run.
+    failing: HashSet<StreamId>,
+    /// What is known of the events that failed at least once.
+    tries: HashMap<StreamId, Tries>,
+    /// Tickets the plugin accepted since the start: tells a ticket failing alone from
+    /// an outage.
+    accepted: u64,
     to_ack: Vec<StreamId>,
     to_dead: Vec<Settling>,
     redis_failures: u32,
@@ -63,53 +97,86 @@ impl Acker {
         done: Receiver<Done>,
         work: Sender<Event>,
     ) {
-        let mut s = State::default();
+        let mut s = State {
+            lanes: Lanes::default(),
+            breaker: Breaker::new(self.breaker_threshold, self.retry),
+            ready: VecDeque::new(),
+            in_flight: 0,
+            probe: None,
+            failing: HashSet::new(),
+            tries: HashMap::new(),
+            accepted: 0,
+            to_ack: Vec::new(),
+            to_dead: Vec::new(),
+            redis_failures: 0,
+            retry_redis_at: None,
+            touch_at: None,
+        };
         let mut reader_gone = false;
         let mut stopping_since: Option<Instant> = None;
         loop {
+            let now = Instant::now();
             let stopping = stopping_since.is_some();
-            let take_more = !stopping && !reader_gone && s.lanes.held() < MAX_HELD;
-            let wake_at = [s.lanes.next_due(), s.retry_redis_at, s.touch_at]
+            if !stopping {
+                s.ready.extend(s.lanes.due(now));
+                self.dispatch(&mut s, &work, now);
+            }
+            self.stats.parked.store(s.lanes.parked() as u64, Relaxed);
+            let (held, held_bytes) = self.budget.held();
+            self.stats.held.store(held, Relaxed);
+            self.stats.held_bytes.store(held_bytes, Relaxed);
+            // While stopping nothing more goes out, so the retry and probe timers are
+            // not waited for: a due one would otherwise wake the loop at once, forever.
+            let timers = [
+                s.lanes.next_due().filter(|_| !stopping),
+                s.breaker
+                    .next_probe()
+                    .filter(|_| !stopping && !s.ready.is_empty()),
+                s.retry_redis_at,
+                s.touch_at,
+            ];
+            // A deadline already past that the step above could not act on (the
+            // pushers are all busy) waits for their answers, not for a zero timeout.
+            let timeout = timers
                 .into_iter()
                 .flatten()
-                .min();
-            let timeout = wake_at.map_or(Duration::from_secs(3600), |t| {
-                t.saturating_duration_since(Instant::now())
-            });
+                .filter(|t| *t > now)
+                .min()
+                .map_or(IDLE_WAIT, |t| t - now);
+            // What the reader may send is bounded by the budget it takes from.
+            let take_more = !stopping && !reader_gone;
             let from_reader = if take_more { incoming.clone() } else { never() };
             let stop_signal = if stopping {
                 never()
             } else {
                 self.shutdown.signal().clone()
             };
+            self.beat.idle();
             select! {
                 recv(from_reader) -> batch => match batch {
-                    Ok(batch) => self.admit(&mut s, batch, &work),
+                    Ok(batch) => self.admit(&mut s, batch),
                     Err(_) => reader_gone = true,
                 },
-                recv(done) -> d => if let Ok(d) = d { self.settle(&mut s, d, &work) },
+                recv(done) -> d => if let Ok(d) = d { self.settle(&mut s, d) },
                 recv(stop_signal) -> _ => {},
                 default(timeout) => {},
             }
+            self.beat.busy();
+            #[cfg(debug_assertions)]
+            test_hooks::stall_once_delivered(s.accepted, &self.shutdown);
             // Settle everything already reported before writing to Redis, so the
             // acknowledgements go out as one batch.
             while let Ok(d) = done.try_recv() {
-                self.settle(&mut s, d, &work);
+                self.settle(&mut s, d);
             }
             if s.retry_redis_at.is_none_or(|t| t <= Instant::now()) {
-                self.write(&mut s, &work);
+                self.write(&mut s);
             }
             let stopping = self.shutdown.is_stopping();
             if stopping && stopping_since.is_none() {
                 stopping_since = Some(Instant::now());
             }
             self.touch(&mut s);
-            if !stopping {
-                for event in s.lanes.due(Instant::now()) {
-                    self.stats.parked.fetch_sub(1, Relaxed);
-                    dispatch(&mut s, event, &work);
-                }
-            }
             if stopping && s.in_flight == 0 {
                 let settled = s.to_ack.is_empty() && s.to_dead.is_empty();
                 if settled || stopping_since.is_some_and(|t| t.elapsed() > STOP_GRACE) {
@@ -123,19 +190,52 @@ impl Acker {
         }
     }
 
-    fn admit(&self, s: &mut State, batch: Vec<Incoming>, work: &Sender<Event>) {
+    /// Hands ready events to idle pushers, as far as the breaker allows: all of them
+    /// while it is closed, the one probe while it is open.
+    fn dispatch(&self, s: &mut State, work: &Sender<Event>, now: Instant) {
+        while s.in_flight < self.window && !s.ready.is_empty() {
+            let Some(permit) = s.breaker.permit(now) else {
+                return;
+            };
+            let Some(mut event) = s.ready.pop_front() else {
+                return;
+            };
+            event.attempts += 1;
+            if permit == Permit::Probe {
+                log::info!(correlation_id = event.id.to_string().as_str(), attempt = event.attempts;
+                    "probing the plugin with one ticket");
+                s.probe = Some(event.id);
+            }
+            if work.send(event).is_err() {
+                // The pushers are gone: only at the very end of a stop.
+                s.breaker.release(permit);
+                return;
+            }
+            s.in_flight += 1;
+        }
+    }
+
+    fn admit(&self, s: &mut State, batch: Vec<Incoming>) {
         for item in batch {
-            if s.lanes.finished(item.id()) {
-                s.to_ack.push(item.id());
+            let id = item.id();
+            let bytes = match &item {
+                Incoming::Event(e) => budget::size(&e.fields),
+                Incoming::Rejected(r) => budget::size(&r.fields),
+                Incoming::Vanished(_) => 0,
+            };
+            if s.lanes.finished(id) || s.lanes.is_held(id) {
+                // A copy read again: only a finished one needs acknowledging again.
+                if s.lanes.finished(id) {
+                    s.to_ack.push(id);
+                }
+                self.budget.give(bytes);
                 continue;
             }
             match item {
                 Incoming::Event(event)
                     if self.max_deliveries > 0 && event.deliveries > self.max_deliveries =>
                 {
-                    if !s.lanes.hold(event.id) {
-                        continue;
-                    }
+                    s.lanes.hold(id, bytes);
                     let detail = format!(
                         "delivered {} times to consumers, more than PAHEKO_PUSH_MAX_DELIVERIES={}",
                         event.deliveries, self.max_deliveries
@@ -154,13 +254,11 @@ impl Acker {
                 }
                 Incoming::Event(event) => {
                     if let Some(event) = s.lanes.admit(event) {
-                        dispatch(s, event, work);
+                        s.ready.push_back(event);
                     }
                 }
                 Incoming::Rejected(r) => {
-                    if !s.lanes.hold(r.id) {
-                        continue;
-                    }
+                    s.lanes.hold(id, bytes);
                     self.stats.invalid.fetch_add(1, Relaxed);
                     log::error!(correlation_id = r.id.to_string().as_str(), reason = r.reason, detail = r.detail.as_str();
                         "entry cannot be delivered: moving it to the dead letters");
@@ -175,9 +273,7 @@ impl Acker {
                     s.to_dead.push(Settling { dead, key: None });
                 }
                 Incoming::Vanished(id) => {
-                    if !s.lanes.hold(id) {
-                        continue;
-                    }
+                    s.lanes.hold(id, bytes);
                     self.stats.lost_to_trim.fetch_add(1, Relaxed);
                     log::error!(correlation_id = id.to_string().as_str();
                         "entry vanished from the stream before it was delivered (trimmed by the producer's MAXLEN?): it is lost");
@@ -187,53 +283,254 @@ impl Acker {
         }
     }
 
-    fn settle(&self, s: &mut State, d: Done, work: &Sender<Event>) {
+    /// Decides what one attempt's answer means for its event.
+    fn settle(&mut self, s: &mut State, d: Done) {
         s.in_flight -= 1;
-        let Done { event, outcome } = d;
-        match outcome {
-            Outcome::Delivered => {
+        let Done { event, reply, took } = d;
+        let permit = if s.probe == Some(event.id) {
+            s.probe = None;
+            Permit::Probe
+        } else {
+            Permit::Send
+        };
+        let (status, retry_after, answer) = match reply {
+            // Stays pending in Redis; the next start reads it again.
+            Reply::NotSent => {
+                s.breaker.release(permit);
+                return;
+            }
+            Reply::Status {
+                status,
+                retry_after,
+                body,
+            } => (status, retry_after, body),
+            Reply::NoAnswer(error) => (0, None, error),
+        };
+        let verdict = match status {
+            0 => Verdict::Transient { retry_after: None },
+            _ => crate::retry::classify(
+                status,
+                retry_after.as_deref(),
+                crate::clock::unix_now(),
+                &self.dead_letter_statuses,
+            ),
+        };
+        let now = Instant::now();
+        let id = event.id.to_string();
+        let duration_ms = took.as_millis() as u64;
+        macro_rules! attempt_log {
+            ($level:expr, $($message:tt)+) => {
+                log::log!($level,
+                    correlation_id = id.as_str(), request_id = event.request_id.as_str(),
+                    event = event.kind.as_str(), attempt = event.attempts, status = status,
+                    duration_ms = duration_ms;
+                    $($message)+)
+            };
+        }
+        match verdict {
+            Verdict::Delivered => {
+                s.accepted += 1;
+                s.tries.remove(&event.id);
+                self.stats.record_success();
+                s.failing.clear();
+                let change = s.breaker.on_answer();
+                self.breaker_changed(s, change);
+                attempt_log!(log::Level::Info, "delivered");
                 s.to_ack.push(event.id);
                 if let Some(next) = s.lanes.release(event.key.as_deref()) {
-                    dispatch_unless_stopping(s, next, work, &self.shutdown);
+                    s.ready.push_back(next);
                 }
             }
-            Outcome::Refused { status, detail } => {
-                let dead = DeadLetter {
-                    id: event.id,
-                    reason: "rejected".into(),
-                    status: Some(status),
-                    attempts: event.attempts,
-                    detail,
-                    fields: event.fields,
+            Verdict::Rejected => {
+                // An answer: the plugin is up. Not a failure of the plugin either.
+                s.failing.clear();
+                let change = s.breaker.on_answer();
+                self.breaker_changed(s, change);
+                s.tries.remove(&event.id);
+                log::error!(
+                    correlation_id = id.as_str(), request_id = event.request_id.as_str(),
+                    event = event.kind.as_str(), attempt = event.attempts, status = status,
+                    duration_ms = duration_ms, detail = answer.as_str();
+                    "refused by the plugin: moving it to the dead letters"
+                );
+                self.dead_letter(s, event, "rejected", Some(status), answer);
+            }
+            Verdict::Refusing => {
+                self.stats.record_failure();
+                let change = s.breaker.on_refusal(status, permit, now);
+                self.breaker_changed(s, change);
+                attempt_log!(
+                    log::Level::Debug,
+                    "refused by the plugin, as every ticket: stays pending"
+                );
+                // Still its lane's head: it goes first once the plugin accepts again.
+                s.ready.push_front(event);
+            }
+            Verdict::Transient { retry_after } => {
+                self.stats.record_failure();
+                self.stats.retried.fetch_add(1, Relaxed);
+                // The breaker counts tickets, not attempts: one ticket failing again and
+                // again on its own backoff is not Paheko down.
+                if permit == Permit::Probe || s.failing.insert(event.id) {
+                    let change = s.breaker.on_failure(permit, now);
+                    self.breaker_changed(s, change);
+                }
+                let error = match status {
+                    0 => answer.clone(),
+                    _ => format!("http status {status}"),
                 };
-                s.to_dead.push(Settling {
-                    dead,
-                    key: event.key,
-                });
+                let accepted = s.accepted;
+                let tries = s
+                    .tries
+                    .entry(event.id)
+                    .or_insert_with(|| Tries::new(accepted));
+                match tries.failed(&self.retry, self.give_up_after_parks, accepted, retry_after) {
+                    Next::Retry { after, parked } => {
+                        let retry_in_ms = after.as_millis() as u64;
+                        if parked {
+                            log::error!(
+                                correlation_id = id.as_str(), request_id = event.request_id.as_str(),
+                                event = event.kind.as_str(), attempt = event.attempts, status = status,
+                                duration_ms = duration_ms, error = error.as_str(), retry_in_ms = retry_in_ms;
+                                "not delivered after {} attempts: parked, stays pending and is tried again later",
+                                tries.failed
+                            );
+                        } else {
+                            let attempts_left =
+                                self.retry.max_attempts - tries.failed % self.retry.max_attempts;
+                            log::warn!(
+                                correlation_id = id.as_str(), request_id = event.request_id.as_str(),
+                                event = event.kind.as_str(), attempt = event.attempts, status = status,
+                                duration_ms = duration_ms, error = error.as_str(), retry_in_ms = retry_in_ms,
+                                attempts_left = attempts_left;
+                                "delivery failed, will retry"
+                            );
+                        }
+                        s.lanes.park(event, now + after);
+                    }
+                    Next::GiveUp => {
+                        s.tries.remove(&event.id);
+                        let detail = if status == 0 || answer.is_empty() {
+                            error
+                        } else {
+                            format!("{error}: {answer}")
+                        };
+                        log::error!(
+                            correlation_id = id.as_str(), request_id = event.request_id.as_str(),
+                            event = event.kind.as_str(), attempt = event.attempts, status = status,
+                            detail = detail.as_str(), rounds = self.give_up_after_parks;
+                            "failing alone: the plugin accepts other tickets but keeps failing on this one; moving it to the dead letters so its session goes on"
+                        );
+                        let status = (status != 0).then_some(status);
+                        self.dead_letter(s, event, "failing_alone", status, detail);
+                    }
+                }
             }
-            Outcome::Parked => {
-                self.stats.parked.fetch_add(1, Relaxed);
-                s.lanes.park(event, Instant::now() + self.claim_idle);
+        }
+    }
+
+    fn dead_letter(
+        &self,
+        s: &mut State,
+        event: Event,
+        reason: &str,
+        status: Option<u16>,
+        detail: String,
+    ) {
+        let dead = DeadLetter {
+            id: event.id,
+            reason: reason.into(),
+            status,
+            attempts: event.attempts,
+            detail,
+            fields: event.fields,
+        };
+        s.to_dead.push(Settling {
+            dead,
+            key: event.key,
+        });
+    }
+
+    /// Logs a change of the breaker's state and shows it on /health; when the plugin
+    /// takes tickets again, the events parked meanwhile go at once.
+    fn breaker_changed(&self, s: &mut State, change: Option<Change>) {
+        let Some(change) = change else {
+            return;
+        };
+        let refusing = |cause| match cause {
+            Cause::Refusing(status) => u64::from(status),
+            Cause::Down => 0,
+        };
+        match change {
+            Change::Opened {
+                cause,
+                failures,
+                next_probe_in,
+            } => {
+                let _ = self.stats.paheko_down_since.compare_exchange(
+                    0,
+                    crate::clock::unix_now(),
+                    Relaxed,
+                    Relaxed,
+                );
+                self.stats.paheko_refusing.store(refusing(cause), Relaxed);
+                let next_probe_in_ms = next_probe_in.as_millis() as u64;
+                match cause {
+                    Cause::Down => {
+                        log::error!(consecutive_failures = failures, next_probe_in_ms = next_probe_in_ms;
+                        "paheko looks down: circuit open, sending one probe per backoff interval until it answers")
+                    }
+                    Cause::Refusing(status) => {
+                        log::error!(status = status, next_probe_in_ms = next_probe_in_ms;
+                        "the plugin refuses every ticket with HTTP {status}: {}. Nothing is dead-lettered: tickets stay pending, one probe per backoff interval until it accepts",
+                        crate::retry::refusal_meaning(status))
+                    }
+                }
             }
-            // Stays pending in Redis; the next start reads it again.
-            Outcome::Abandoned => {}
+            Change::StillOpen {
+                cause,
+                probes,
+                down_for,
+                next_probe_in,
+            } => {
+                self.stats.paheko_refusing.store(refusing(cause), Relaxed);
+                let message = match cause {
+                    Cause::Down => "paheko still down: probe failed",
+                    Cause::Refusing(_) => "the plugin still refuses every ticket: probe refused",
+                };
+                log::warn!(probes = probes, next_probe_in_ms = next_probe_in.as_millis() as u64,
+                    down_for_s = down_for.as_secs(), refusing = refusing(cause);
+                    "{message}");
+            }
+            Change::Closed {
+                was,
+                down_for,
+                probes,
+            } => {
+                self.stats.paheko_down_since.store(0, Relaxed);
+                self.stats.paheko_refusing.store(0, Relaxed);
+                log::info!(down_for_s = down_for.as_secs(), probes = probes, was_refusing = refusing(was);
+                    "paheko answers again: circuit closed, delivering at full speed");
+                s.ready.extend(s.lanes.unpark_all());
+            }
         }
     }
 
     /// Writes the batched acknowledgements and the dead letters. On a Redis error, keeps
     /// them and schedules another try.
-    fn write(&mut self, s: &mut State, work: &Sender<Event>) {
-        let result = self.write_all(s, work);
+    fn write(&mut self, s: &mut State) {
+        let result = self.write_all(s);
         match result {
             Ok(()) => {
                 if s.redis_failures > 0 {
                     log::info!("redis takes acknowledgements again");
+                    self.stats.redis_writes_failing.store(false, Relaxed);
                 }
                 s.redis_failures = 0;
                 s.retry_redis_at = None;
             }
             Err(e) => {
-                self.stats.set_redis_ok(false);
+                self.stats.redis_writes_failing.store(true, Relaxed);
                 let delay = store::reconnect_delay(s.redis_failures);
                 log::error!(error = e.to_string().as_str(), waiting_acks = s.to_ack.len(),
                     waiting_dead_letters = s.to_dead.len(), retry_in_ms = delay.as_millis() as u64;
@@ -244,23 +541,36 @@ impl Acker {
         }
     }
 
-    fn write_all(&mut self, s: &mut State, work: &Sender<Event>) -> Result<(), redis::RedisError> {
+    fn write_all(&mut self, s: &mut State) -> Result<(), redis::RedisError> {
         if !s.to_ack.is_empty() {
             store::ack(&mut self.redis, &self.names, &s.to_ack)?;
             for id in s.to_ack.drain(..) {
-                s.lanes.forget(id);
+                if let Some(bytes) = s.lanes.forget(id) {
+                    self.budget.give(bytes);
+                }
             }
         }
         while let Some(settling) = s.to_dead.first() {
-            store::dead_letter(&mut self.redis, &self.names, &settling.dead)?;
+            let moved = store::dead_letter(&mut self.redis, &self.names, &settling.dead)?;
             let Settling { dead, key } = s.to_dead.remove(0);
-            self.stats.dead_lettered.fetch_add(1, Relaxed);
-            log::warn!(correlation_id = dead.id.to_string().as_str(), reason = dead.reason.as_str(),
-                dead_letter_stream = self.names.dead_letters.as_str();
-                "moved to the dead letters");
-            s.lanes.forget(dead.id);
+            match moved {
+                store::DeadLettered::Moved => {
+                    self.stats.dead_lettered.fetch_add(1, Relaxed);
+                    log::warn!(correlation_id = dead.id.to_string().as_str(), reason = dead.reason.as_str(),
+                        dead_letter_stream = self.names.dead_letters.as_str();
+                        "moved to the dead letters");
+                }
+                // A repeat after a lost reply, or an entry another instance settled.
+                store::DeadLettered::WasNotPending => {
+                    log::info!(correlation_id = dead.id.to_string().as_str();
+                        "no longer pending: its dead letter was already written, nothing to move");
+                }
+            }
+            if let Some(bytes) = s.lanes.forget(dead.id) {
+                self.budget.give(bytes);
+            }
             if let Some(next) = s.lanes.release(key.as_deref()) {
-                dispatch_unless_stopping(s, next, work, &self.shutdown);
+                s.ready.push_back(next);
             }
         }
         Ok(())
@@ -293,19 +603,17 @@ impl Acker {
     }
 }
 
-fn dispatch(s: &mut State, event: Event, work: &Sender<Event>) {
-    if work.send(event).is_ok() {
-        s.in_flight += 1;
-    }
-}
-
-fn dispatch_unless_stopping(
-    s: &mut State,
-    event: Event,
-    work: &Sender<Event>,
-    shutdown: &Shutdown,
-) {
-    if !shutdown.is_stopping() {
-        dispatch(s, event, work);
+/// What the integration tests need to fake a fault that cannot be caused from outside;
+/// compiled in debug builds only (the release binary has none of it), and inert unless
+/// the variable is set, as cargo's `__CARGO_TEST_*` hooks.
+#[cfg(debug_assertions)]
+mod test_hooks {
+    /// `__PAHEKO_PUSH_TEST_STALL_ACKER=1`: once a ticket was accepted, the acker hangs
+    /// (until the stop), as a wedged thread would, so the watchdog test can see the
+    /// pings stop.
+    pub fn stall_once_delivered(accepted: u64, shutdown: &crate::shutdown::Shutdown) {
+        if accepted > 0 && std::env::var_os("__PAHEKO_PUSH_TEST_STALL_ACKER").is_some() {
+            while shutdown.sleep(std::time::Duration::from_secs(1)) {}
+        }
     }
 }

@@ -1,45 +1,68 @@
-//! The circuit breaker every pusher shares. After a run of consecutive transient
-//! failures (Paheko down, not one bad event) it opens: pushers stop sending and wait,
-//! and a single probe request goes out per backoff interval, the interval growing by
-//! the retry factor up to its cap, with jitter. The first answer that is not a
-//! transient failure closes it, and the backlog drains at full speed. It decides only
-//! *when* to send; what becomes of an event stays the pusher's and the acker's call.
+//! The circuit breaker, as plain data the acker owns. It opens after a run of
+//! consecutive transient failures (Paheko down, not one bad ticket), or at once on a
+//! plugin-wide refusal (401, 403, 404…: a secret rotated on one side, a wrong URL).
+//! While open, nothing is sent but one probe per interval, the interval growing by the
+//! retry factor up to its cap, with jitter. The first answer that is neither a transient
+//! failure nor a refusal closes it, and the backlog drains at full speed. It decides
+//! only *when* requests may go out; each method says what changed, and the acker logs
+//! it and shows it on /health.
 
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::config::RetryConfig;
-use crate::shutdown::Shutdown;
-use crate::stats::Stats;
+use crate::retry::jitter;
 
-/// How often a waiting pusher looks at the stop flag.
-const STOP_CHECK: Duration = Duration::from_millis(250);
-
-/// What a pusher may send: anything while closed, the one probe while open.
+/// What a request may be sent as: anything while closed, the one probe while open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Permit {
     Send,
     Probe,
 }
 
-pub struct Breaker {
-    /// Consecutive transient failures that open it; 0 never opens.
-    threshold: u32,
-    retry: RetryConfig,
-    stats: Arc<Stats>,
-    state: Mutex<State>,
-    changed: Condvar,
+/// Why the breaker is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// Transient failures: Paheko is down or overloaded.
+    Down,
+    /// The plugin answers this 4xx to every ticket.
+    Refusing(u16),
+}
+
+/// A change worth a log line and a /health update.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Change {
+    Opened {
+        cause: Cause,
+        failures: u32,
+        next_probe_in: Duration,
+    },
+    /// A probe failed again: still open, the next one in `next_probe_in`.
+    StillOpen {
+        cause: Cause,
+        probes: u32,
+        down_for: Duration,
+        next_probe_in: Duration,
+    },
+    Closed {
+        was: Cause,
+        down_for: Duration,
+        probes: u32,
+    },
 }
 
 #[derive(Debug)]
-struct State {
+pub struct Breaker {
+    /// Consecutive transient failures that open it; 0: never for transient failures
+    /// (a plugin-wide refusal still does).
+    threshold: u32,
+    retry: RetryConfig,
     failures: u32,
     open: Option<Open>,
 }
 
 #[derive(Debug)]
 struct Open {
+    cause: Cause,
     since: Instant,
     probes: u32,
     next_probe: Instant,
@@ -47,120 +70,119 @@ struct Open {
 }
 
 impl Breaker {
-    pub fn new(threshold: u32, retry: RetryConfig, stats: Arc<Stats>) -> Breaker {
+    pub fn new(threshold: u32, retry: RetryConfig) -> Breaker {
         Breaker {
             threshold,
             retry,
-            stats,
-            state: Mutex::new(State {
-                failures: 0,
-                open: None,
-            }),
-            changed: Condvar::new(),
+            failures: 0,
+            open: None,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Waits until a request may go out. `None` when the worker is stopping.
-    pub fn acquire(&self, shutdown: &Shutdown) -> Option<Permit> {
-        let mut state = self.lock();
-        loop {
-            if shutdown.is_stopping() {
-                return None;
+    /// Whether a request may go out now; taking the probe marks it as under way.
+    pub fn permit(&mut self, now: Instant) -> Option<Permit> {
+        match &mut self.open {
+            None => Some(Permit::Send),
+            Some(open) if !open.probing && now >= open.next_probe => {
+                open.probing = true;
+                Some(Permit::Probe)
             }
-            let now = Instant::now();
-            let wait = match &mut state.open {
-                None => return Some(Permit::Send),
-                Some(open) if !open.probing && now >= open.next_probe => {
-                    open.probing = true;
-                    return Some(Permit::Probe);
-                }
-                Some(open) if open.probing => STOP_CHECK,
-                Some(open) => (open.next_probe - now).min(STOP_CHECK),
-            };
-            state = match self.changed.wait_timeout(state, wait) {
-                Ok((guard, _)) => guard,
-                Err(poisoned) => poisoned.into_inner().0,
-            };
+            Some(_) => None,
         }
     }
 
-    /// Paheko answered (2xx or a refusal): it is up.
-    pub fn record_answer(&self, permit: Permit) {
-        let mut state = self.lock();
-        state.failures = 0;
-        if let Some(open) = state.open.take() {
-            let down_for = open.since.elapsed();
-            self.stats.paheko_down_since.store(0, Relaxed);
-            log::info!(down_for_s = down_for.as_secs(), probes = open.probes, permit = format!("{permit:?}").as_str();
-                "paheko answers again: circuit closed, delivering at full speed");
-            self.changed.notify_all();
-        }
+    /// When the next probe may go out, while open and no probe is under way: a timer
+    /// for the acker's loop.
+    pub fn next_probe(&self) -> Option<Instant> {
+        self.open
+            .as_ref()
+            .filter(|open| !open.probing)
+            .map(|open| open.next_probe)
+    }
+
+    pub fn cause(&self) -> Option<Cause> {
+        self.open.as_ref().map(|open| open.cause)
+    }
+
+    /// The plugin answered (2xx or a per-ticket refusal): it is up, and takes tickets.
+    pub fn on_answer(&mut self) -> Option<Change> {
+        self.failures = 0;
+        let open = self.open.take()?;
+        Some(Change::Closed {
+            was: open.cause,
+            down_for: open.since.elapsed(),
+            probes: open.probes,
+        })
     }
 
     /// A transient failure (5xx, 408, 429, no answer).
-    pub fn record_failure(&self, permit: Permit) {
-        let mut state = self.lock();
-        state.failures = state.failures.saturating_add(1);
-        let now = Instant::now();
-        let failures = state.failures;
-        match &mut state.open {
-            Some(open) if permit == Permit::Probe => {
-                open.probing = false;
-                open.probes += 1;
-                let wait = jitter(self.retry.delay_after(open.probes + 1));
-                open.next_probe = now + wait;
-                log::warn!(probes = open.probes, next_probe_in_ms = wait.as_millis() as u64,
-                        down_for_s = open.since.elapsed().as_secs();
-                        "paheko still down: probe failed");
-            }
-            // A request that was already under way when the breaker opened.
-            Some(_) => {}
-            None if self.threshold > 0 && failures >= self.threshold => {
-                let wait = jitter(self.retry.delay_after(1));
-                state.open = Some(Open {
-                    since: now,
-                    probes: 0,
-                    next_probe: now + wait,
-                    probing: false,
-                });
-                self.stats
-                    .paheko_down_since
-                    .store(crate::clock::unix_now(), Relaxed);
-                log::error!(consecutive_failures = failures, next_probe_in_ms = wait.as_millis() as u64;
-                    "paheko looks down: circuit open, sending one probe per backoff interval until it answers");
-            }
-            None => {}
+    pub fn on_failure(&mut self, permit: Permit, now: Instant) -> Option<Change> {
+        self.failures = self.failures.saturating_add(1);
+        if self.open.is_some() {
+            return self.probe_failed(permit, Cause::Down, now);
+        }
+        if self.threshold == 0 || self.failures < self.threshold {
+            return None;
+        }
+        Some(self.open(Cause::Down, now))
+    }
+
+    /// A plugin-wide refusal: opens at once, since every ticket would get the same.
+    pub fn on_refusal(&mut self, status: u16, permit: Permit, now: Instant) -> Option<Change> {
+        self.failures = self.failures.saturating_add(1);
+        let cause = Cause::Refusing(status);
+        match &self.open {
+            Some(open) if open.cause == cause => self.probe_failed(permit, cause, now),
+            // Closed, or open for another reason: a new state worth saying.
+            _ => Some(self.open(cause, now)),
         }
     }
 
     /// The probe was not sent after all (the worker is stopping).
-    pub fn release(&self, permit: Permit) {
+    pub fn release(&mut self, permit: Permit) {
         if permit == Permit::Probe
-            && let Some(open) = &mut self.lock().open
+            && let Some(open) = &mut self.open
         {
             open.probing = false;
         }
     }
 
-    pub fn is_open(&self) -> bool {
-        self.lock().open.is_some()
+    fn open(&mut self, cause: Cause, now: Instant) -> Change {
+        let wait = jitter(self.retry.delay_after(1));
+        let since = self.open.as_ref().map_or(now, |open| open.since);
+        self.open = Some(Open {
+            cause,
+            since,
+            probes: 0,
+            next_probe: now + wait,
+            probing: false,
+        });
+        Change::Opened {
+            cause,
+            failures: self.failures,
+            next_probe_in: wait,
+        }
     }
-}
 
-/// `d` spread by ±10 %, so that workers (and the probes of several instances) do not
-/// fall into step.
-pub fn jitter(d: Duration) -> Duration {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
-    let unit = (h.finish() % 2001) as f64 / 1000.0 - 1.0;
-    d.mul_f64(1.0 + 0.1 * unit)
+    /// A failure while open: the probe's sets the next probe time; a request that was
+    /// already under way when the breaker opened changes nothing.
+    fn probe_failed(&mut self, permit: Permit, cause: Cause, now: Instant) -> Option<Change> {
+        let open = self.open.as_mut()?;
+        if permit != Permit::Probe {
+            return None;
+        }
+        open.cause = cause;
+        open.probing = false;
+        open.probes += 1;
+        let wait = jitter(self.retry.delay_after(open.probes + 1));
+        open.next_probe = now + wait;
+        Some(Change::StillOpen {
+            cause,
+            probes: open.probes,
+            down_for: now.saturating_duration_since(open.since),
+            next_probe_in: wait,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -170,71 +192,108 @@ mod tests {
     fn breaker(threshold: u32) -> Breaker {
         let retry = RetryConfig {
             max_attempts: 5,
-            backoff: Duration::from_millis(20),
+            backoff: Duration::from_secs(1),
             factor: 2.0,
-            max_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
         };
-        Breaker::new(threshold, retry, Arc::new(Stats::default()))
+        Breaker::new(threshold, retry)
     }
 
     #[test]
-    fn opens_after_the_threshold_and_lets_one_probe_out() {
-        let b = breaker(3);
-        let stop = Shutdown::new();
-        for _ in 0..2 {
-            b.record_failure(Permit::Send);
-        }
-        assert!(!b.is_open());
-        b.record_failure(Permit::Send);
-        assert!(b.is_open());
-        assert_ne!(b.stats.paheko_down_since.load(Relaxed), 0);
-        // The probe comes after the first backoff interval, and only one at a time.
-        let started = Instant::now();
-        assert_eq!(b.acquire(&stop), Some(Permit::Probe));
+    fn opens_after_the_threshold_and_lets_one_probe_out_per_interval() {
+        let mut b = breaker(3);
+        let t0 = Instant::now();
+        assert_eq!(b.on_failure(Permit::Send, t0), None);
+        assert_eq!(b.on_failure(Permit::Send, t0), None);
+        assert!(matches!(
+            b.on_failure(Permit::Send, t0),
+            Some(Change::Opened {
+                cause: Cause::Down,
+                failures: 3,
+                ..
+            })
+        ));
+        assert_eq!(b.permit(t0), None, "no probe before the first interval");
+        let first = b.next_probe().unwrap();
+        assert!(first >= t0 + Duration::from_millis(900), "{:?}", first - t0);
+        assert_eq!(b.permit(first), Some(Permit::Probe));
+        assert_eq!(b.permit(first), None, "one probe at a time");
+        assert_eq!(b.next_probe(), None, "no timer while the probe is out");
+        // A request already under way when it opened changes nothing.
+        assert_eq!(b.on_failure(Permit::Send, first), None);
+        let Some(Change::StillOpen {
+            probes: 1,
+            next_probe_in,
+            ..
+        }) = b.on_failure(Permit::Probe, first)
+        else {
+            panic!("the probe failed")
+        };
         assert!(
-            started.elapsed() >= Duration::from_millis(15),
-            "{:?}",
-            started.elapsed()
+            next_probe_in >= Duration::from_millis(1800),
+            "{next_probe_in:?}"
         );
-        b.record_failure(Permit::Probe);
-        assert_eq!(b.acquire(&stop), Some(Permit::Probe));
-        b.record_answer(Permit::Probe);
-        assert!(!b.is_open());
-        assert_eq!(b.stats.paheko_down_since.load(Relaxed), 0);
-        assert_eq!(b.acquire(&stop), Some(Permit::Send));
+        let second = b.next_probe().unwrap();
+        assert_eq!(b.permit(second), Some(Permit::Probe));
+        assert!(matches!(
+            b.on_answer(),
+            Some(Change::Closed {
+                was: Cause::Down,
+                probes: 1,
+                ..
+            })
+        ));
+        assert_eq!(b.permit(second), Some(Permit::Send));
+        assert_eq!(b.next_probe(), None);
     }
 
     #[test]
     fn an_answer_resets_the_count() {
-        let b = breaker(3);
-        b.record_failure(Permit::Send);
-        b.record_failure(Permit::Send);
-        b.record_answer(Permit::Send);
-        b.record_failure(Permit::Send);
-        b.record_failure(Permit::Send);
-        assert!(!b.is_open());
+        let mut b = breaker(3);
+        let now = Instant::now();
+        b.on_failure(Permit::Send, now);
+        b.on_failure(Permit::Send, now);
+        assert_eq!(b.on_answer(), None);
+        b.on_failure(Permit::Send, now);
+        b.on_failure(Permit::Send, now);
+        assert_eq!(b.cause(), None);
     }
 
     #[test]
-    fn zero_never_opens_and_a_stop_ends_the_wait() {
-        let b = breaker(0);
+    fn a_refusal_opens_at_once_even_with_threshold_zero() {
+        let mut b = breaker(0);
+        let now = Instant::now();
         for _ in 0..100 {
-            b.record_failure(Permit::Send);
+            assert_eq!(b.on_failure(Permit::Send, now), None);
         }
-        assert!(!b.is_open());
-        let b = breaker(1);
-        b.record_failure(Permit::Send);
-        let stop = Shutdown::new();
-        assert_eq!(b.acquire(&stop), Some(Permit::Probe));
-        stop.trigger();
-        assert_eq!(b.acquire(&stop), None);
-    }
-
-    #[test]
-    fn jitter_stays_within_ten_percent() {
-        for _ in 0..100 {
-            let j = jitter(Duration::from_secs(10)).as_secs_f64();
-            assert!((9.0..=11.0).contains(&j), "{j}");
-        }
+        assert!(matches!(
+            b.on_refusal(401, Permit::Send, now),
+            Some(Change::Opened {
+                cause: Cause::Refusing(401),
+                ..
+            })
+        ));
+        assert_eq!(b.cause(), Some(Cause::Refusing(401)));
+        // The same refusal from a request already under way: nothing new.
+        assert_eq!(b.on_refusal(401, Permit::Send, now), None);
+        // Another status is a new state, worth a log line.
+        assert!(matches!(
+            b.on_refusal(404, Permit::Send, now),
+            Some(Change::Opened {
+                cause: Cause::Refusing(404),
+                ..
+            })
+        ));
+        let at = b.next_probe().unwrap();
+        assert_eq!(b.permit(at), Some(Permit::Probe));
+        b.release(Permit::Probe);
+        assert_eq!(b.permit(at), Some(Permit::Probe), "released, so free again");
+        assert!(matches!(
+            b.on_answer(),
+            Some(Change::Closed {
+                was: Cause::Refusing(404),
+                ..
+            })
+        ));
     }
 }

@@ -42,6 +42,8 @@ pub struct Raw {
     pub paheko_push_backlog_warn: Option<String>,
     pub paheko_push_breaker_threshold: Option<String>,
     pub paheko_push_max_deliveries: Option<String>,
+    pub paheko_push_dead_letter_statuses: Option<String>,
+    pub paheko_push_give_up_after_parks: Option<String>,
     pub paheko_push_auth: Option<String>,
     pub paheko_plugin_ca_file: Option<String>,
     pub redis_ca_file: Option<String>,
@@ -58,7 +60,7 @@ impl Raw {
                 var: ".env".into(),
                 problem: format!("cannot read {}: {e}", dotenv.display()),
             })?;
-            vars.extend(parse_dotenv(&text));
+            vars.extend(parse_dotenv(&text)?);
         }
         vars.extend(std::env::vars());
         Raw::from_vars(vars)
@@ -72,25 +74,58 @@ impl Raw {
     }
 }
 
-/// Parses the `KEY=value` lines of a `.env` file: `#` comments, blank lines, an optional
-/// `export ` prefix and single or double quotes around the value are understood.
-pub fn parse_dotenv(text: &str) -> Vec<(String, String)> {
-    text.lines()
-        .filter_map(|line| {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                return None;
-            }
-            let line = line.strip_prefix("export ").unwrap_or(line);
-            let (key, value) = line.split_once('=')?;
-            let value = value.trim();
-            let value = match value.as_bytes() {
-                [q @ (b'"' | b'\''), .., last] if last == q => &value[1..value.len() - 1],
-                _ => value,
-            };
-            Some((key.trim().to_string(), value.to_string()))
-        })
+/// Reads a `.env` file's variables the way docker compose and python-dotenv do, for
+/// RecyClique's `.env` is written for them (issue 8 §7): `#` comment lines, an inline
+/// ` # comment` after an unquoted value, an optional `export ` prefix, single quotes
+/// (literal), double quotes (with `\"`, `\\`, `\$`, `\n` escapes), `${VAR}`
+/// references and quoted values running over several lines. The parsing is the
+/// `dotenvy` crate's. A line it cannot read stops the start, naming the line and the
+/// variable but never the value, which may be a secret.
+pub fn parse_dotenv(text: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    dotenvy::from_read_iter(text.as_bytes())
+        .map(|item| item.map_err(|e| dotenv_error(text, e)))
         .collect()
+}
+
+/// A `dotenvy` error in words that locate the line without quoting it.
+fn dotenv_error(text: &str, e: dotenvy::Error) -> ConfigError {
+    let dotenvy::Error::LineParse(bad, _) = e else {
+        // The text is already in memory and UTF-8: only a parse error can happen. The
+        // other variants' messages could quote a value, so none is shown.
+        return err(".env", "cannot be read");
+    };
+    let bad = bad.trim_end();
+    let located = (!bad.is_empty())
+        .then(|| text.find(bad))
+        .flatten()
+        .map(|at| {
+            let number = text[..at].matches('\n').count() + 1;
+            let line = text[text[..at].rfind('\n').map_or(0, |n| n + 1)..]
+                .lines()
+                .next()
+                .unwrap_or("");
+            let line = line.trim_start();
+            let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
+            let key: String = line
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '.')
+                .collect();
+            if key.is_empty() {
+                format!("line {number}")
+            } else {
+                format!("line {number} ({key})")
+            }
+        });
+    err(
+        ".env",
+        format!(
+            "{} is not KEY=value as docker compose reads it: quote a value that holds \
+             spaces, close every quote, and use only the escapes \\\" \\\\ \\$ \\n \
+             inside double quotes (the value is not shown: it may be a secret)",
+            located.as_deref().unwrap_or("a line")
+        ),
+    )
 }
 
 /// A variable with a value the program cannot use.
@@ -225,6 +260,12 @@ pub struct Config {
     pub breaker_threshold: u32,
     /// Deliveries (reads by a consumer) after which an entry is dead-lettered; 0 = no limit.
     pub max_deliveries: u64,
+    /// The 4xx statuses that concern the ticket itself and dead-letter it as `rejected`;
+    /// any other 4xx is a plugin-wide refusal and leaves the ticket pending.
+    pub dead_letter_statuses: Vec<u16>,
+    /// Rounds of MAX_RETRIES attempts a ticket may fail alone before it is
+    /// dead-lettered as `failing_alone`; 0 = never (see [`crate::retry::GiveUp`]).
+    pub give_up_after_parks: u32,
     /// Extra roots for the plugin's certificate (`PAHEKO_PLUGIN_CA_FILE`).
     pub plugin_ca: Option<CaFile>,
     /// Extra roots for a `rediss://` server's certificate (`REDIS_CA_FILE`).
@@ -401,6 +442,16 @@ impl Config {
                 0,
                 0..=u64::MAX,
             )?,
+            dead_letter_statuses: statuses(
+                "PAHEKO_PUSH_DEAD_LETTER_STATUSES",
+                raw.paheko_push_dead_letter_statuses,
+            )?,
+            give_up_after_parks: number(
+                "PAHEKO_PUSH_GIVE_UP_AFTER_PARKS",
+                raw.paheko_push_give_up_after_parks,
+                3,
+                0..=1_000_000,
+            )?,
             plugin_ca,
             redis_ca,
         })
@@ -451,6 +502,36 @@ fn text(value: Option<String>, default: &str) -> String {
         Some(v) if !v.trim().is_empty() => v.trim().to_string(),
         _ => default.to_string(),
     }
+}
+
+/// A comma list of 4xx statuses (408 and 429 excepted: those always mean "try again").
+fn statuses(var: &str, value: Option<String>) -> Result<Vec<u16>, ConfigError> {
+    let Some(v) = value.filter(|v| !v.trim().is_empty()) else {
+        return Ok(crate::retry::DEAD_LETTER_STATUSES.to_vec());
+    };
+    let mut out = Vec::new();
+    for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match item.parse::<u16>() {
+            Ok(408 | 429) => {
+                return Err(err(
+                    var,
+                    format!(
+                        "{item} always means \"try again later\"; it cannot dead-letter a ticket"
+                    ),
+                ));
+            }
+            Ok(s @ 400..=499) => out.push(s),
+            _ => {
+                return Err(err(
+                    var,
+                    format!(
+                        "expected a comma list of 4xx statuses such as 400,409,413,415,422, got {item:?}"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn number<T>(
@@ -848,8 +929,10 @@ mod tests {
 
     #[test]
     fn dotenv_lines() {
-        let vars =
-            parse_dotenv("# comment\n\nexport A=1\nB = \"two words\"\nC='x=y'\nnot a pair\n");
+        let vars = parse_dotenv(
+            "# comment\n\nexport A=1\nB = \"two words\"\nC='x=y'\n  # indented comment\n",
+        )
+        .unwrap();
         assert_eq!(
             vars,
             [
@@ -858,6 +941,56 @@ mod tests {
                 ("C".into(), "x=y".into())
             ]
         );
+    }
+
+    /// As docker compose and python-dotenv read RecyClique's `.env` (issue 8 §7).
+    #[test]
+    fn dotenv_as_compose_reads_it() {
+        let read = |text: &str| parse_dotenv(text).unwrap();
+        let one = |text: &str| {
+            let vars = read(text);
+            assert_eq!(vars.len(), 1, "{text:?}: {vars:?}");
+            vars[0].1.clone()
+        };
+        assert_eq!(
+            one("REDIS_URL=redis://redis:6379/0  # internal"),
+            "redis://redis:6379/0"
+        );
+        assert_eq!(
+            one("REDIS_URL=redis://redis:6379/0\t# tab"),
+            "redis://redis:6379/0"
+        );
+        // No space before the #: part of the value, as compose reads it.
+        assert_eq!(one("A=abc#def"), "abc#def");
+        assert_eq!(one("A=\"has # hash\"  # comment"), "has # hash");
+        assert_eq!(one("A='has # hash'"), "has # hash");
+        assert_eq!(one(r#"A="say \"hi\" \\ \$HOME""#), r#"say "hi" \ $HOME"#);
+        assert_eq!(one(r#"A="two\nlines""#), "two\nlines");
+        assert_eq!(one(r#"A='no \n escape'"#), r"no \n escape");
+        assert_eq!(one("A=\"over\ntwo lines\""), "over\ntwo lines");
+        assert_eq!(one("export A=1"), "1");
+        assert_eq!(one("A="), "");
+        assert_eq!(one("A=  # only a comment"), "");
+        assert_eq!(one("\u{feff}A=bom"), "bom");
+        assert_eq!(
+            read("A=one\nB=${A}-two\n"),
+            [("A".into(), "one".into()), ("B".into(), "one-two".into())]
+        );
+    }
+
+    #[test]
+    fn a_bad_dotenv_line_is_named_without_its_value() {
+        for (text, line) in [
+            ("A=1\n# c\n\nSECRET=two hunter2words\n", "line 4 (SECRET)"),
+            ("A=1\nexport SECRET=\"hunter2 unclosed\n", "line 2 (SECRET)"),
+            ("A=1\nSECRET hunter2\n", "line 2 (SECRET)"),
+            ("SECRET=\"\\thunter2\"\n", "line 1 (SECRET)"),
+        ] {
+            let e = parse_dotenv(text).unwrap_err();
+            assert_eq!(e.var, ".env", "{text:?}");
+            assert!(e.problem.starts_with(line), "{text:?}: {e}");
+            assert!(!e.to_string().contains("hunter2"), "{text:?}: {e}");
+        }
     }
 
     #[test]

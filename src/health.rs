@@ -9,49 +9,36 @@ use std::thread::JoinHandle;
 
 use serde_json::json;
 
-use crate::stats::{FAILURES_BEFORE_ERROR, Stats};
+use crate::stats::Stats;
 
 /// The /health document and its HTTP status.
 pub fn document(s: &Stats) -> (u16, serde_json::Value) {
-    let redis_ok = s.redis_ok.load(Relaxed);
-    let failures = s.consecutive_failures.load(Relaxed);
-    let push_worker = if !s.configured.load(Relaxed) {
-        "unconfigured"
-    } else if failures >= FAILURES_BEFORE_ERROR {
-        "error"
-    } else {
-        "ok"
-    };
-    let lost = s.lost_to_trim.load(Relaxed);
+    let status = s.status();
+    let refusing = s.paheko_refusing.load(Relaxed);
     let down_since = s.paheko_down_since.load(Relaxed);
-    let backlog_warning = s.backlog_warning();
-    let status = if !redis_ok {
-        "error"
-    } else if push_worker != "ok" || lost > 0 || down_since != 0 || backlog_warning {
-        "degraded"
-    } else {
-        "ok"
-    };
     let last = s.last_success_at.load(Relaxed);
     let doc = json!({
         "status": status,
-        "redis": if redis_ok { "ok" } else { "error" },
-        "push_worker": push_worker,
+        "redis": if s.redis_up() { "ok" } else { "error" },
+        "push_worker": s.push_worker(),
         "last_success_at": if last == 0 { None } else { Some(last) },
         "pending": s.pending.load(Relaxed),
-        "consecutive_failures": failures,
+        "consecutive_failures": s.consecutive_failures.load(Relaxed),
         "delivered": s.delivered.load(Relaxed),
         "retried": s.retried.load(Relaxed),
         "dead_lettered": s.dead_lettered.load(Relaxed),
         "invalid": s.invalid.load(Relaxed),
         "parked": s.parked.load(Relaxed),
-        "lost_to_trim": lost,
-        "paheko": if down_since == 0 { "up" } else { "down" },
+        "lost_to_trim": s.lost_to_trim.load(Relaxed),
+        "paheko": s.paheko(),
         "paheko_down_since": if down_since == 0 { None } else { Some(down_since) },
+        "paheko_refusing_status": if refusing == 0 { None } else { Some(refusing) },
         "lag": s.lag.load(Relaxed),
-        "backlog_warning": backlog_warning,
+        "backlog_warning": s.backlog_warning(),
         "oldest_pending_age_seconds": s.oldest_pending_age_seconds.load(Relaxed),
         "dead_letters": s.dead_letters.load(Relaxed),
+        "held": s.held.load(Relaxed),
+        "held_bytes": s.held_bytes.load(Relaxed),
         "version": env!("CARGO_PKG_VERSION"),
     });
     (if status == "error" { 503 } else { 200 }, doc)
@@ -114,6 +101,7 @@ pub fn serve(addr: &str, stats: Arc<Stats>) -> std::io::Result<Server> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::FAILURES_BEFORE_ERROR;
 
     fn stats() -> Stats {
         let s = Stats::default();
@@ -185,5 +173,38 @@ mod tests {
         s.lag.store(7901, Relaxed);
         assert_eq!(document(&s).1["backlog_warning"], true);
         assert_eq!(document(&s).1["status"], "degraded");
+    }
+
+    #[test]
+    fn a_refusing_plugin_is_an_error_and_says_which_status() {
+        let s = stats();
+        s.paheko_down_since.store(1_800_000_000, Relaxed);
+        s.paheko_refusing.store(401, Relaxed);
+        let (code, doc) = document(&s);
+        assert_eq!(
+            (
+                code,
+                doc["status"].as_str(),
+                doc["push_worker"].as_str(),
+                doc["paheko"].as_str(),
+                doc["paheko_refusing_status"].as_u64()
+            ),
+            (
+                503,
+                Some("error"),
+                Some("error"),
+                Some("refusing"),
+                Some(401)
+            )
+        );
+    }
+
+    #[test]
+    fn redis_is_ok_only_when_both_connections_are() {
+        let s = stats();
+        s.redis_writes_failing.store(true, Relaxed);
+        assert_eq!(document(&s).1["redis"], "error");
+        s.redis_writes_failing.store(false, Relaxed);
+        assert_eq!(document(&s).1["redis"], "ok");
     }
 }

@@ -7,11 +7,13 @@
 //!        └──────────── XACK / dead letter ────────────┘ └─────── done ──────┘
 //! ```
 //! The reader only reads; the acker owns every decision about an entry (order, ack,
-//! dead letter, parking); pushers only speak HTTP. /health reads atomic counters. A
+//! dead letter, retry timing, the circuit breaker, giving up); pushers make one HTTP
+//! attempt each and report back. /health reads atomic counters. A
 //! stop is one flag plus a closed channel ([`shutdown`]).
 
 pub mod acker;
 pub mod breaker;
+pub mod budget;
 pub mod check;
 pub mod clock;
 pub mod config;
@@ -19,10 +21,12 @@ pub mod dead;
 pub mod error;
 pub mod event;
 pub mod health;
+pub mod lease;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod order;
+pub mod probe;
 pub mod pusher;
 pub mod reader;
 pub mod retry;
@@ -48,6 +52,7 @@ pub fn main_with(args: &[String]) -> Result<(), Error> {
         None | Some("run") => {}
         Some("dead") => return dead::main(&args[1..], load_config),
         Some("check") => return check::main(&args[1..], load_config),
+        Some("health") => return probe::main(&args[1..], load_config),
         Some("-V" | "--version") => {
             println!("paheko-push {}", env!("CARGO_PKG_VERSION"));
             return Ok(());
@@ -149,16 +154,18 @@ pub fn run(config: Config) -> Result<(), Error> {
             let pusher = Arc::new(pusher::Pusher::new(
                 agent,
                 plugin.clone(),
-                config.retry,
                 Arc::clone(&stats),
                 shutdown.clone(),
-                config.breaker_threshold,
             ));
+            let liveness = watched_threads(&config);
+            let budget = Arc::new(budget::Budget::default());
+            notify::watch_threads(Arc::clone(&liveness));
             let mut threads = Vec::new();
             for n in 0..config.concurrency {
                 let (pusher, work, done) = (Arc::clone(&pusher), work_rx.clone(), done_tx.clone());
+                let beat = liveness.beat(n + 1);
                 threads.push(spawn(&format!("pusher-{n}"), move || {
-                    pusher.run(work, done)
+                    pusher.run(work, done, beat)
                 })?);
             }
             drop((work_rx, done_tx));
@@ -167,8 +174,15 @@ pub fn run(config: Config) -> Result<(), Error> {
                 names: names.clone(),
                 claim_idle: config.claim_idle,
                 max_deliveries: config.max_deliveries,
+                retry: config.retry,
+                dead_letter_statuses: config.dead_letter_statuses.clone(),
+                give_up_after_parks: config.give_up_after_parks,
+                breaker_threshold: config.breaker_threshold,
+                window: config.concurrency,
                 stats: Arc::clone(&stats),
                 shutdown: shutdown.clone(),
+                beat: liveness.beat(0),
+                budget: Arc::clone(&budget),
             };
             threads.push(spawn("acker", move || {
                 acker.run(batches_rx, done_rx, work_tx)
@@ -180,6 +194,7 @@ pub fn run(config: Config) -> Result<(), Error> {
                 claim_idle: config.claim_idle,
                 stats: Arc::clone(&stats),
                 shutdown: shutdown.clone(),
+                budget,
             };
             let reader = spawn("reader", move || reader.run(batches_tx))?;
             for t in threads {
@@ -201,6 +216,18 @@ pub fn run(config: Config) -> Result<(), Error> {
     }
     log::info!(delivered = stats.delivered.load(Relaxed); "stopped");
     Ok(())
+}
+
+/// The threads the watchdog vouches for besides the reader (which asks for the pings,
+/// so a stuck reader stops them by itself): the acker, slot 0, then the pushers. A step
+/// may last as long as the watchdog interval (docs/systemd.md asks for 25 s or more, past
+/// any Redis timeout), a request as long as its timeout and a margin.
+fn watched_threads(config: &Config) -> Arc<notify::Liveness> {
+    let interval = notify::watchdog_timeout().unwrap_or(std::time::Duration::from_secs(30));
+    let request = interval.max(config.timeout + std::time::Duration::from_secs(5));
+    let mut threads = vec![("acker".to_string(), interval)];
+    threads.extend((0..config.concurrency).map(|n| (format!("pusher-{n}"), request)));
+    notify::Liveness::new(threads)
 }
 
 fn spawn<T: Send + 'static>(

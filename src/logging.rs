@@ -1,7 +1,13 @@
 //! Logs on stderr, one record per line: a JSON object (`ts`, `level`, `msg`, `target`
 //! and the record's key-values) or plain text. Every record — ours and those of the
-//! HTTP, TLS and Redis libraries at debug and trace — passes through [`Redactor`], which
-//! replaces the configured secrets wherever they appear, so no secret reaches a log.
+//! HTTP, TLS and Redis libraries — passes through [`Redactor`], which replaces the
+//! configured secrets wherever they appear, so no secret reaches a log.
+//!
+//! The redactor only sees text, so it cannot catch a secret cut into pieces or printed
+//! as hex: that is what a wire dump does (ureq-proto logs every request and response
+//! 16 bytes a record, as hex and ASCII, at trace; issue 8 §7). So the libraries' records
+//! are never let through below [`LIBRARY_LEVEL`], whatever `PAHEKO_PUSH_LOG` says:
+//! trace applies to this crate only.
 
 use std::fmt::Write as _;
 use std::time::SystemTime;
@@ -35,14 +41,24 @@ impl Redactor {
     }
 }
 
-/// Installs the global logger. Call once, before any thread starts.
+/// The most detailed level at which the libraries' records (ureq, ureq-proto, rustls,
+/// redis, tiny_http, …) are logged. Their wire dumps are at trace; at debug ureq prints
+/// a request's headers with all but a fixed list of harmless ones left out.
+pub const LIBRARY_LEVEL: log::LevelFilter = log::LevelFilter::Debug;
+
+/// This crate's records, as `log` targets them; the binary's too (same crate name).
+const OWN_TARGET: &str = "paheko_push";
+
+/// Installs the global logger. Call once, before any thread starts. `level` applies
+/// to this crate; other crates get at most [`LIBRARY_LEVEL`].
 pub fn init(
     level: log::LevelFilter,
     format: LogFormat,
     redactor: Redactor,
 ) -> Result<(), log::SetLoggerError> {
     fern::Dispatch::new()
-        .level(level)
+        .level(level.min(LIBRARY_LEVEL))
+        .level_for(OWN_TARGET, level)
         .format(move |out, message, record| {
             let line = match format {
                 LogFormat::Json => json_line(record, message, &redactor),
@@ -67,7 +83,7 @@ fn json_line(record: &log::Record, message: &std::fmt::Arguments, redactor: &Red
         record.level().as_str().to_ascii_lowercase().into(),
     );
     object.insert("msg".into(), redactor.redact(&message.to_string()).into());
-    if !record.target().starts_with("paheko_push") {
+    if !record.target().starts_with(OWN_TARGET) {
         object.insert("target".into(), record.target().into());
     }
     let mut visitor = JsonPairs {
@@ -120,7 +136,7 @@ fn text_line(record: &log::Record, message: &std::fmt::Arguments, redactor: &Red
         }
     }
     let _ = record.key_values().visit(&mut TextPairs(&mut line));
-    if !record.target().starts_with("paheko_push") {
+    if !record.target().starts_with(OWN_TARGET) {
         let _ = write!(line, " target={}", record.target());
     }
     redactor.redact(&line)

@@ -75,8 +75,18 @@ pub fn render(stats: &Stats) -> String {
         ),
         (
             "parked",
-            "Events waiting to be tried again after their retries ran out.",
+            "Events waiting for their next attempt (backoff or Retry-After).",
             get(&stats.parked),
+        ),
+        (
+            "held",
+            "Entries held in memory: read, not yet acknowledged or dead-lettered.",
+            get(&stats.held),
+        ),
+        (
+            "held_bytes",
+            "Bytes of the fields of the entries held in memory.",
+            get(&stats.held_bytes),
         ),
         (
             "dead_letters",
@@ -95,7 +105,7 @@ pub fn render(stats: &Stats) -> String {
         ),
         (
             "paheko_up",
-            "1 while the plugin answers, 0 while the circuit breaker is open.",
+            "1 while the plugin takes tickets, 0 while the circuit breaker is open (down or refusing).",
             u64::from(down_since == 0),
         ),
         (
@@ -104,9 +114,19 @@ pub fn render(stats: &Stats) -> String {
             u64::from(down_since != 0),
         ),
         (
+            "paheko_refusing",
+            "1 while the plugin refuses every ticket (401, 403, 404…): the secret or the URL needs fixing.",
+            u64::from(get(&stats.paheko_refusing) != 0),
+        ),
+        (
             "redis_up",
-            "1 while Redis answers.",
-            u64::from(stats.redis_ok.load(Relaxed)),
+            "1 while Redis answers both the reader and the acker.",
+            u64::from(stats.redis_up()),
+        ),
+        (
+            "healthy",
+            "1 while /health's status is ok.",
+            u64::from(stats.status() == "ok"),
         ),
     ] {
         family(&mut out, name, "gauge", help);

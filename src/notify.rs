@@ -1,8 +1,10 @@
 //! systemd's notification protocol (`sd_notify(3)`), spoken with the standard library
 //! alone: one datagram per message to the unix socket `$NOTIFY_SOCKET` names (a path, or
 //! an abstract socket written `@name`). The worker says `READY=1` once Redis answered
-//! and the consumer group exists, `WATCHDOG=1` from its reader loop when systemd set
-//! `WATCHDOG_USEC` (at most once per half interval), and `STOPPING=1` when a stop begins.
+//! and the consumer group exists, `WATCHDOG=1` when systemd set `WATCHDOG_USEC` (at
+//! most once per half interval, asked for by the reader's loop) but only while every
+//! thread makes progress ([`Liveness`]: a wedged acker or pusher stops the pings, and
+//! systemd restarts the worker), and `STOPPING=1` when a stop begins.
 //! Without `$NOTIFY_SOCKET` every call here does nothing, so the worker runs the same
 //! outside systemd. A message that cannot be sent is logged once and never stops the
 //! worker. The variables are left in the environment (removing them from a running
@@ -11,14 +13,21 @@
 
 use std::io;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::shutdown::Shutdown;
 
 /// The process-wide notifier, read from the environment on first use.
 static NOTIFIER: OnceLock<Option<Notifier>> = OnceLock::new();
+/// The threads the watchdog vouches for, once the worker registered them.
+static THREADS: OnceLock<Arc<Liveness>> = OnceLock::new();
+
+/// Makes the watchdog ping only while every thread of `liveness` makes progress.
+pub fn watch_threads(liveness: Arc<Liveness>) {
+    let _ = THREADS.set(liveness);
+}
 
 fn notifier() -> Option<&'static Notifier> {
     NOTIFIER.get_or_init(Notifier::from_env).as_ref()
@@ -29,6 +38,11 @@ pub fn enabled() -> bool {
     notifier().is_some()
 }
 
+/// The watchdog interval systemd asked for (`WATCHDOG_USEC`), if any.
+pub fn watchdog_timeout() -> Option<Duration> {
+    notifier().and_then(|n| n.ping_every).map(|half| half * 2)
+}
+
 /// `READY=1`, sent once however often it is called.
 pub fn ready() {
     if let Some(n) = notifier() {
@@ -36,11 +50,93 @@ pub fn ready() {
     }
 }
 
-/// `WATCHDOG=1`, when the watchdog is on and half its interval has passed since the
-/// last one. Cheap enough to call on every turn of a loop.
+/// `WATCHDOG=1`, when the watchdog is on, half its interval has passed since the
+/// last one, and no registered thread is stuck. Cheap enough to call on every turn of
+/// a loop.
 pub fn watchdog() {
     if let Some(n) = notifier() {
-        n.watchdog(Instant::now());
+        let now = Instant::now();
+        match THREADS.get().map(|t| t.stuck(now)) {
+            Some(Some(stuck)) => n.withhold_watchdog(stuck),
+            _ => n.watchdog(now),
+        }
+    }
+}
+
+/// What each long-lived thread is doing, for the watchdog: waiting for work (fine for
+/// ever), or busy on one step since some moment (fine within its own limit: a request
+/// within the request timeout, an acker step within a few Redis timeouts). Atomics
+/// only; a thread stamps its own slot.
+#[derive(Debug)]
+pub struct Liveness {
+    started: Instant,
+    slots: Vec<Slot>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    name: String,
+    limit: Duration,
+    /// Milliseconds since `started` + 1 when the current step began; 0 while waiting.
+    busy_since: AtomicU64,
+}
+
+/// One thread's handle on its slot.
+#[derive(Debug, Clone)]
+pub struct Beat {
+    liveness: Arc<Liveness>,
+    slot: usize,
+}
+
+impl Liveness {
+    /// One slot per `(thread name, longest step)`.
+    pub fn new(threads: Vec<(String, Duration)>) -> Arc<Liveness> {
+        let slots = threads
+            .into_iter()
+            .map(|(name, limit)| Slot {
+                name,
+                limit,
+                busy_since: AtomicU64::new(0),
+            })
+            .collect();
+        Arc::new(Liveness {
+            started: Instant::now(),
+            slots,
+        })
+    }
+
+    /// The handle of slot `n`, in the order given to [`Liveness::new`].
+    pub fn beat(self: &Arc<Self>, n: usize) -> Beat {
+        Beat {
+            liveness: Arc::clone(self),
+            slot: n,
+        }
+    }
+
+    /// The name of a thread busy on one step for longer than its limit, if any.
+    pub fn stuck(&self, now: Instant) -> Option<&str> {
+        let now_ms = now.saturating_duration_since(self.started).as_millis() as u64;
+        self.slots.iter().find_map(|slot| {
+            let since = slot.busy_since.load(Ordering::Relaxed);
+            let busy_for = Duration::from_millis(now_ms.saturating_sub(since.saturating_sub(1)));
+            (since != 0 && busy_for > slot.limit).then_some(slot.name.as_str())
+        })
+    }
+}
+
+impl Beat {
+    /// The thread starts a step of work.
+    pub fn busy(&self) {
+        let l = &self.liveness;
+        let ms = l.started.elapsed().as_millis() as u64 + 1;
+        l.slots[self.slot].busy_since.store(ms, Ordering::Relaxed);
+    }
+
+    /// The thread waits for work: it cannot be stuck meanwhile.
+    pub fn idle(&self) {
+        self.liveness.slots[self.slot]
+            .busy_since
+            .store(0, Ordering::Relaxed);
     }
 }
 
@@ -78,6 +174,8 @@ pub struct Notifier {
     ready_sent: AtomicBool,
     stopping_sent: AtomicBool,
     failure_logged: AtomicBool,
+    /// A ping is being withheld because a thread is stuck (logged once per episode).
+    withholding: AtomicBool,
 }
 
 impl Notifier {
@@ -110,6 +208,7 @@ impl Notifier {
             ready_sent: AtomicBool::new(false),
             stopping_sent: AtomicBool::new(false),
             failure_logged: AtomicBool::new(false),
+            withholding: AtomicBool::new(false),
         })
     }
 
@@ -134,11 +233,24 @@ impl Notifier {
         if self.stopping_sent.load(Ordering::SeqCst) {
             return;
         }
+        if self.withholding.swap(false, Ordering::SeqCst) {
+            log::info!("every thread makes progress again: watchdog pings resume");
+        }
         let mut last = self.last_ping.lock().unwrap_or_else(|e| e.into_inner());
         if last.is_none_or(|t| now.saturating_duration_since(t) >= every) {
             *last = Some(now);
             drop(last);
             self.send("WATCHDOG=1");
+        }
+    }
+
+    /// A thread is stuck: no ping, so that systemd restarts the worker once the
+    /// watchdog interval runs out (the entries stay pending and are delivered by the
+    /// next start).
+    pub fn withhold_watchdog(&self, stuck: &str) {
+        if self.ping_every.is_some() && !self.withholding.swap(true, Ordering::SeqCst) {
+            log::error!(thread = stuck;
+                "the {stuck} thread is stuck: no more watchdog pings, systemd will restart the worker");
         }
     }
 
@@ -264,6 +376,44 @@ mod tests {
         let n = Notifier::new(&path, None).unwrap();
         n.watchdog(Instant::now());
         assert!(messages(&socket).is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_thread_busy_past_its_limit_is_stuck_one_waiting_never() {
+        let l = Liveness::new(vec![
+            ("acker".into(), Duration::from_secs(30)),
+            ("pusher-0".into(), Duration::from_secs(40)),
+        ]);
+        let (acker, pusher) = (l.beat(0), l.beat(1));
+        let t0 = Instant::now();
+        assert_eq!(l.stuck(t0 + Duration::from_secs(3600)), None, "both wait");
+        acker.busy();
+        pusher.busy();
+        assert_eq!(l.stuck(Instant::now() + Duration::from_secs(29)), None);
+        assert_eq!(
+            l.stuck(Instant::now() + Duration::from_secs(31)),
+            Some("acker")
+        );
+        acker.idle();
+        assert_eq!(
+            l.stuck(Instant::now() + Duration::from_secs(41)),
+            Some("pusher-0")
+        );
+        pusher.idle();
+        assert_eq!(l.stuck(Instant::now() + Duration::from_secs(3600)), None);
+    }
+
+    #[test]
+    fn a_stuck_thread_withholds_the_ping() {
+        let (socket, path, dir) = listener();
+        let n = Notifier::new(&path, Some(Duration::from_secs(10))).unwrap();
+        let t0 = Instant::now();
+        n.watchdog(t0);
+        n.withhold_watchdog("acker");
+        n.withhold_watchdog("acker");
+        n.watchdog(t0 + Duration::from_secs(6));
+        assert_eq!(messages(&socket), ["WATCHDOG=1", "WATCHDOG=1"]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

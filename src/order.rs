@@ -15,10 +15,10 @@ const RECENT: usize = 16_384;
 
 #[derive(Debug, Default)]
 pub struct Lanes {
-    /// Every entry from admission until [`Lanes::forget`].
-    held: HashSet<StreamId>,
+    /// Every entry from admission until [`Lanes::forget`], with its size in bytes.
+    held: HashMap<StreamId, usize>,
     lanes: HashMap<String, VecDeque<Event>>,
-    /// Heads whose in-line retries ran out, with the time to try them again.
+    /// Heads waiting for their next attempt, with its time.
     parked: Vec<(Instant, Event)>,
     recent: VecDeque<StreamId>,
     recent_set: HashSet<StreamId>,
@@ -28,7 +28,7 @@ impl Lanes {
     /// Takes a newly read event. Returns it when it may go out now; `None` when it waits
     /// behind its lane's head or is one this worker already has.
     pub fn admit(&mut self, event: Event) -> Option<Event> {
-        if !self.hold(event.id) {
+        if !self.hold(event.id, crate::budget::size(&event.fields)) {
             return None;
         }
         let Some(key) = &event.key else {
@@ -48,9 +48,19 @@ impl Lanes {
         }
     }
 
-    /// Records an entry as held; false when it already is, or was just finished.
-    pub fn hold(&mut self, id: StreamId) -> bool {
-        !self.recent_set.contains(&id) && self.held.insert(id)
+    /// Records an entry of `bytes` bytes as held; false when it already is, or was just
+    /// finished.
+    pub fn hold(&mut self, id: StreamId, bytes: usize) -> bool {
+        if self.recent_set.contains(&id) || self.held.contains_key(&id) {
+            return false;
+        }
+        self.held.insert(id, bytes);
+        true
+    }
+
+    /// Whether the entry is held here now.
+    pub fn is_held(&self, id: StreamId) -> bool {
+        self.held.contains_key(&id)
     }
 
     /// Whether the entry was settled a moment ago: a copy read again (the group was
@@ -71,21 +81,22 @@ impl Lanes {
         next
     }
 
-    /// The entry's acknowledgement or dead letter is written: stop holding it.
-    pub fn forget(&mut self, id: StreamId) {
-        if self.held.remove(&id) {
-            if self.recent.len() == RECENT
-                && let Some(old) = self.recent.pop_front()
-            {
-                self.recent_set.remove(&old);
-            }
-            self.recent.push_back(id);
-            self.recent_set.insert(id);
+    /// The entry's acknowledgement or dead letter is written: stop holding it. Returns
+    /// its size when it was held.
+    pub fn forget(&mut self, id: StreamId) -> Option<usize> {
+        let bytes = self.held.remove(&id)?;
+        if self.recent.len() == RECENT
+            && let Some(old) = self.recent.pop_front()
+        {
+            self.recent_set.remove(&old);
         }
+        self.recent.push_back(id);
+        self.recent_set.insert(id);
+        Some(bytes)
     }
 
-    /// Keeps an event whose in-line retries ran out until `until`; its lane stays
-    /// blocked behind it.
+    /// Keeps a lane's head that failed until its next attempt at `until`; its lane
+    /// stays blocked behind it.
     pub fn park(&mut self, event: Event, until: Instant) {
         self.parked.push((until, event));
     }
@@ -99,12 +110,20 @@ impl Lanes {
         due
     }
 
+    /// Every parked event, oldest entry first: the plugin takes tickets again, so the
+    /// backoff that an outage built up is not waited out.
+    pub fn unpark_all(&mut self) -> Vec<Event> {
+        let mut all: Vec<Event> = self.parked.drain(..).map(|(_, e)| e).collect();
+        all.sort_by_key(|e| e.id);
+        all
+    }
+
     pub fn next_due(&self) -> Option<Instant> {
         self.parked.iter().map(|(t, _)| *t).min()
     }
 
     pub fn held_ids(&self) -> impl Iterator<Item = StreamId> + '_ {
-        self.held.iter().copied()
+        self.held.keys().copied()
     }
 
     pub fn held(&self) -> usize {

@@ -1,18 +1,18 @@
-//! The pusher threads: each takes events from the work channel, POSTs them to the
-//! plugin through one shared ureq agent (keep-alive, rustls), retries in line according
-//! to [`crate::retry`], and reports the outcome on the done channel. A pusher never
-//! touches Redis and never decides an acknowledgement: the acker does.
+//! The pusher threads: each takes an event from the work channel, makes **one** attempt
+//! to POST it to the plugin through the shared ureq agent (keep-alive, rustls), and
+//! reports the answer on the done channel: status, Retry-After, the body's first
+//! bytes, or why there was none, and how long it took. A pusher never waits, retries,
+//! touches Redis or decides anything: the acker does, so a waiting retry never holds a
+//! pusher.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::breaker::Breaker;
-use crate::config::{CaFile, Plugin, RetryConfig};
+use crate::config::{CaFile, Plugin};
 use crate::event::Event;
-use crate::retry::{Verdict, classify};
+use crate::notify::Beat;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 
@@ -20,8 +20,16 @@ pub const USER_AGENT: &str = concat!("paheko-push/", env!("CARGO_PKG_VERSION"));
 
 /// Kept-alive connections to the plugin; above the largest useful concurrency.
 const MAX_IDLE_CONNECTIONS: usize = 256;
-/// ureq's read and write buffers, per connection.
+/// ureq's write buffer, per connection.
 const BUFFER_SIZE: usize = 16 * 1024;
+/// The largest response head (status line and headers) the worker reads: 32 KiB, four
+/// times what nginx passes from a PHP backend by default (`fastcgi_buffer_size`, 4 or 8
+/// KiB) and past Apache's 8 KiB per header line. ureq parses the head from its input
+/// buffer, so that buffer must hold more than this: with a buffer no larger than the
+/// bound, a longer head fills it and ureq reports "Peer disconnected", and a 2xx was
+/// retried as no answer (issue 8 §7). One byte more makes it say "response header is
+/// too big: 32769 > 32768".
+const MAX_RESPONSE_HEAD: usize = 32 * 1024;
 /// How long the plugin host's addresses are reused before asking the system again.
 const RESOLVE_TTL: Duration = Duration::from_secs(30);
 
@@ -81,65 +89,50 @@ impl ureq::unversioned::resolver::Resolver for Resolver {
 /// How much of a refusal's body is kept for the dead letter and the log.
 const DETAIL_LIMIT: u64 = 2048;
 
-/// What became of an event handed to a pusher.
+/// The plugin's answer to one attempt, or why there was none.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    Delivered,
-    /// The plugin refused it with a 4xx: to be dead-lettered.
-    Refused {
+pub enum Reply {
+    Status {
         status: u16,
-        detail: String,
+        /// The raw `Retry-After` header.
+        retry_after: Option<String>,
+        /// The body's first [`DETAIL_LIMIT`] bytes, the secret redacted.
+        body: String,
     },
-    /// The in-line attempts ran out on transient failures: to be tried again later.
-    Parked,
-    /// Not sent, or not retried, because the worker is stopping: stays pending.
-    Abandoned,
+    /// No HTTP answer: a connection, TLS or timeout error, in words an operator can
+    /// act on.
+    NoAnswer(String),
+    /// Not sent: the worker is stopping. The entry stays pending.
+    NotSent,
 }
 
+/// One attempt's report to the acker.
 #[derive(Debug)]
 pub struct Done {
     pub event: Event,
-    pub outcome: Outcome,
+    pub reply: Reply,
+    pub took: Duration,
 }
 
 pub struct Pusher {
     agent: ureq::Agent,
     plugin: Plugin,
-    retry: RetryConfig,
     stats: Arc<Stats>,
     shutdown: Shutdown,
-    breaker: Breaker,
-}
-
-/// One HTTP attempt's result, before the retry policy is applied.
-enum Answer {
-    Status {
-        status: u16,
-        retry_after: Option<String>,
-        body: String,
-    },
-    NoAnswer(ureq::Error),
 }
 
 impl Pusher {
-    /// `breaker_threshold`: consecutive transient failures that open the shared circuit
-    /// breaker (see [`crate::breaker`]); 0 never opens it.
     pub fn new(
         agent: ureq::Agent,
         plugin: Plugin,
-        retry: RetryConfig,
         stats: Arc<Stats>,
         shutdown: Shutdown,
-        breaker_threshold: u32,
     ) -> Pusher {
-        let breaker = Breaker::new(breaker_threshold, retry, Arc::clone(&stats));
         Pusher {
             agent,
             plugin,
-            retry,
             stats,
             shutdown,
-            breaker,
         }
     }
 
@@ -167,10 +160,11 @@ impl Pusher {
             .max_idle_connections(MAX_IDLE_CONNECTIONS)
             .max_idle_connections_per_host(MAX_IDLE_CONNECTIONS)
             // 128 KiB per connection and direction by default; requests are ~1 KB and a
-            // 1 MB payload streams through (change 3).
-            .input_buffer_size(BUFFER_SIZE)
+            // 1 MB payload streams through (change 3). The input side holds a whole
+            // response head, up to the bound, and one byte to tell it was passed.
+            .input_buffer_size(MAX_RESPONSE_HEAD + 1)
             .output_buffer_size(BUFFER_SIZE)
-            .max_response_header_size(BUFFER_SIZE)
+            .max_response_header_size(MAX_RESPONSE_HEAD)
             .build();
         ureq::Agent::with_parts(
             config,
@@ -179,115 +173,27 @@ impl Pusher {
         )
     }
 
-    /// Runs a pusher until the work channel closes.
-    pub fn run(&self, work: Receiver<Event>, done: Sender<Done>) {
-        for mut event in work {
-            let outcome = if self.shutdown.is_stopping() {
-                Outcome::Abandoned
+    /// Runs a pusher until the work channel closes: one attempt per event received.
+    pub fn run(&self, work: Receiver<Event>, done: Sender<Done>, beat: Beat) {
+        for event in work {
+            beat.busy();
+            let started = Instant::now();
+            let reply = if self.shutdown.is_stopping() {
+                Reply::NotSent
             } else {
-                self.deliver(&mut event)
+                let reply = self.post(&event);
+                self.stats.request_duration.observe(started.elapsed());
+                reply
             };
-            if done.send(Done { event, outcome }).is_err() {
+            let took = started.elapsed();
+            beat.idle();
+            if done.send(Done { event, reply, took }).is_err() {
                 return;
             }
         }
     }
 
-    /// Attempts delivery up to the configured number of times.
-    pub fn deliver(&self, event: &mut Event) -> Outcome {
-        for attempt in 1..=self.retry.max_attempts {
-            // While Paheko is down this waits for the breaker's probe slot.
-            let Some(permit) = self.breaker.acquire(&self.shutdown) else {
-                return Outcome::Abandoned;
-            };
-            if self.shutdown.is_stopping() {
-                self.breaker.release(permit);
-                return Outcome::Abandoned;
-            }
-            event.attempts += 1;
-            let started = Instant::now();
-            let answer = self.post(event);
-            self.stats.request_duration.observe(started.elapsed());
-            let duration_ms = started.elapsed().as_millis() as u64;
-            let id = event.id.to_string();
-            let (verdict, status) = match &answer {
-                Answer::Status {
-                    status,
-                    retry_after,
-                    ..
-                } => (
-                    classify(*status, retry_after.as_deref(), crate::clock::unix_now()),
-                    *status,
-                ),
-                Answer::NoAnswer(_) => (Verdict::Transient { retry_after: None }, 0),
-            };
-            match verdict {
-                Verdict::Delivered => {
-                    self.breaker.record_answer(permit);
-                    self.stats.record_success();
-                    log::info!(
-                        correlation_id = id.as_str(), request_id = event.request_id.as_str(),
-                        event = event.kind.as_str(), attempt = event.attempts, status = status,
-                        duration_ms = duration_ms;
-                        "delivered"
-                    );
-                    return Outcome::Delivered;
-                }
-                Verdict::Refused => {
-                    self.breaker.record_answer(permit);
-                    self.stats.record_failure();
-                    let detail = match answer {
-                        Answer::Status { body, .. } => body,
-                        Answer::NoAnswer(_) => String::new(),
-                    };
-                    log::error!(
-                        correlation_id = id.as_str(), request_id = event.request_id.as_str(),
-                        event = event.kind.as_str(), attempt = event.attempts, status = status,
-                        duration_ms = duration_ms, detail = detail.as_str();
-                        "refused by the plugin: moving it to the dead letters"
-                    );
-                    return Outcome::Refused { status, detail };
-                }
-                Verdict::Transient { retry_after } => {
-                    self.breaker.record_failure(permit);
-                    self.stats.record_failure();
-                    let error = match &answer {
-                        Answer::Status { status, .. } => format!("http status {status}"),
-                        Answer::NoAnswer(e) => describe(e),
-                    };
-                    if attempt == self.retry.max_attempts {
-                        log::error!(
-                            correlation_id = id.as_str(), request_id = event.request_id.as_str(),
-                            event = event.kind.as_str(), attempt = event.attempts, status = status,
-                            duration_ms = duration_ms, error = error.as_str();
-                            "not delivered after {attempt} attempts: parked, stays pending and is tried again later"
-                        );
-                        return Outcome::Parked;
-                    }
-                    // Jitter spreads our own backoff; a plugin's Retry-After is kept as asked.
-                    let delay = match retry_after {
-                        Some(_) => self.retry.delay_for(attempt, retry_after),
-                        None => crate::breaker::jitter(self.retry.delay_after(attempt)),
-                    };
-                    log::warn!(
-                        correlation_id = id.as_str(), request_id = event.request_id.as_str(),
-                        event = event.kind.as_str(), attempt = event.attempts, status = status,
-                        duration_ms = duration_ms, error = error.as_str(),
-                        retry_in_ms = delay.as_millis() as u64,
-                        attempts_left = self.retry.max_attempts - attempt;
-                        "delivery failed, will retry"
-                    );
-                    self.stats.retried.fetch_add(1, Relaxed);
-                    if !self.shutdown.sleep(delay) {
-                        return Outcome::Abandoned;
-                    }
-                }
-            }
-        }
-        Outcome::Parked
-    }
-
-    fn post(&self, event: &Event) -> Answer {
+    fn post(&self, event: &Event) -> Reply {
         let id = &event.idempotency_key;
         let mut request = self
             .agent
@@ -334,13 +240,13 @@ impl Pusher {
                     end -= 1;
                 }
                 body.truncate(end);
-                Answer::Status {
+                Reply::Status {
                     status,
                     retry_after,
                     body,
                 }
             }
-            Err(e) => Answer::NoAnswer(e),
+            Err(e) => Reply::NoAnswer(describe(&e)),
         }
     }
 }

@@ -23,6 +23,7 @@ use crossbeam_channel::{SendTimeoutError, Sender};
 use redis::RedisError;
 
 use crate::Error;
+use crate::budget::{self, Budget};
 use crate::event::{Entry, Event, Incoming, StreamId};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -53,6 +54,8 @@ pub struct Reader {
     pub claim_idle: Duration,
     pub stats: Arc<Stats>,
     pub shutdown: Shutdown,
+    /// What may still be read: the acker gives back what it settled.
+    pub budget: Arc<Budget>,
 }
 
 /// What the reader learnt of the server since it last connected.
@@ -90,6 +93,15 @@ impl Reader {
                     }
                     Vec::new()
                 })
+            } else if self.budget.room(COUNT) == 0 {
+                // Everything the worker may hold is held (Paheko down, or slow): the
+                // rest waits in Redis. /health must go on showing the queue grow.
+                if Instant::now() >= housekeeping_at {
+                    housekeeping_at = Instant::now() + HOUSEKEEPING_EVERY;
+                    self.refresh_stats();
+                }
+                self.budget.wait(&self.shutdown);
+                Ok(Vec::new())
             } else if cursor == Cursor::New && Instant::now() >= housekeeping_at {
                 housekeeping_at = Instant::now() + HOUSEKEEPING_EVERY;
                 self.housekeeping()
@@ -178,10 +190,11 @@ impl Reader {
         cursor: &mut Cursor,
         server: &mut Server,
     ) -> Result<Vec<Incoming>, RedisError> {
+        let count = self.budget.room(COUNT);
         match *cursor {
             Cursor::Pending(after) => {
                 let after = (after != StreamId::default()).then_some(after);
-                let pending = store::read_pending(&mut self.redis, &self.names, after, COUNT)?;
+                let pending = store::read_pending(&mut self.redis, &self.names, after, count)?;
                 *cursor = match pending.last() {
                     Some(last) => Cursor::Pending(last.entry.id),
                     None => Cursor::New,
@@ -200,7 +213,7 @@ impl Reader {
                     }
                     server.caught_up_at = None;
                 }
-                let new = store::read_new(&mut self.redis, &self.names, COUNT)?;
+                let new = store::read_new(&mut self.redis, &self.names, count)?;
                 if let Some(t) = new.trimmed {
                     self.stats.lost_to_trim.fetch_add(t.count, Relaxed);
                     self.stats.trimmed_records.fetch_add(1, Relaxed);
@@ -220,7 +233,7 @@ impl Reader {
                 Ok(self.incoming(new.entries, &HashMap::new()))
             }
             Cursor::New => {
-                let entries = store::read_blocking(&mut self.redis, &self.names, COUNT, BLOCK)?;
+                let entries = store::read_blocking(&mut self.redis, &self.names, count, BLOCK)?;
                 Ok(self.incoming(entries, &HashMap::new()))
             }
         }
@@ -230,18 +243,23 @@ impl Reader {
     /// group: those of a dead instance. (This worker's own entries never go idle that
     /// long while it runs: the acker keeps them fresh.)
     fn housekeeping(&mut self) -> Result<Vec<Incoming>, RedisError> {
-        let (mut claimed, stats) =
-            store::housekeeping(&mut self.redis, &self.names, self.claim_idle, COUNT)?;
+        let (mut claimed, stats) = store::housekeeping(
+            &mut self.redis,
+            &self.names,
+            self.claim_idle,
+            self.budget.room(COUNT).max(1),
+        )?;
         self.show(stats);
         let mut batch = Vec::new();
         for round in 0..RECLAIM_ROUNDS {
             if round > 0 {
                 let start = claimed.next;
-                if start == StreamId::default() {
+                let room = self.budget.room(COUNT);
+                if start == StreamId::default() || room == 0 {
                     break;
                 }
                 claimed =
-                    store::autoclaim(&mut self.redis, &self.names, self.claim_idle, start, COUNT)?;
+                    store::autoclaim(&mut self.redis, &self.names, self.claim_idle, start, room)?;
             }
             for id in std::mem::take(&mut claimed.vanished) {
                 batch.push(Incoming::Vanished(id));
@@ -260,7 +278,13 @@ impl Reader {
         Ok(batch)
     }
 
+    /// Parses what was read, and takes it from the budget.
     fn incoming(&self, entries: Vec<Entry>, deliveries: &HashMap<StreamId, u64>) -> Vec<Incoming> {
+        let sizes = entries
+            .iter()
+            .map(|e| e.fields.as_deref().map_or(0, budget::size));
+        let largest = sizes.clone().max().unwrap_or(0);
+        self.budget.take(entries.len(), sizes.sum(), largest);
         entries
             .into_iter()
             .map(|entry| match entry.fields {

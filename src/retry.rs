@@ -1,8 +1,9 @@
 //! The retry policy: which answers are worth another try, how long to wait before it,
-//! and when to give up for now. Pure functions over the configuration, so the schedule
-//! is unit-tested here and the pusher only applies it.
+//! and when to give up on a ticket. Pure functions and plain data over the
+//! configuration, so the schedule is unit-tested here; the acker applies it, with its
+//! timers, and no thread ever sleeps through a backoff.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::RetryConfig;
 
@@ -15,25 +16,57 @@ pub enum Verdict {
     /// worker cannot interpret (a redirect, 1xx), since that points at its own setup,
     /// not at the event.
     Transient { retry_after: Option<Duration> },
-    /// Another 4xx: the plugin refused this event; trying again would not change that.
-    Refused,
+    /// A per-ticket 4xx (`PAHEKO_PUSH_DEAD_LETTER_STATUSES`): the plugin refused this
+    /// ticket's content; trying again would not change that.
+    Rejected,
+    /// Any other 4xx (401, 403, 404, 405…): the plugin refuses every ticket (a secret
+    /// rotated on one side, a wrong URL). The ticket stays pending; nothing is
+    /// dead-lettered for it.
+    Refusing,
 }
 
+/// The per-ticket statuses by default: the ticket's content is at fault.
+pub const DEAD_LETTER_STATUSES: [u16; 5] = [400, 409, 413, 415, 422];
+
 /// Classifies a status. `retry_after` is the raw `Retry-After` header, honoured on 429
-/// and 503 only (RFC 9110 §10.2.3), as seconds or as an HTTP date.
-pub fn classify(status: u16, retry_after: Option<&str>, now_unix: u64) -> Verdict {
+/// and 503 only (RFC 9110 §10.2.3). `dead_letter` lists the per-ticket 4xx statuses.
+pub fn classify(
+    status: u16,
+    retry_after: Option<&str>,
+    now_unix: u64,
+    dead_letter: &[u16],
+) -> Verdict {
     match status {
         200..=299 => Verdict::Delivered,
         408 | 429 => Verdict::Transient {
             retry_after: retry_after_for(status, retry_after, now_unix),
         },
-        400..=499 => Verdict::Refused,
+        s if dead_letter.contains(&s) => Verdict::Rejected,
+        400..=499 => Verdict::Refusing,
         _ => Verdict::Transient {
             retry_after: retry_after_for(status, retry_after, now_unix),
         },
     }
 }
 
+/// What a plugin-wide refusal most likely means, for the operator reading the log.
+pub fn refusal_meaning(status: u16) -> &'static str {
+    match status {
+        401 | 403 => {
+            "the plugin does not accept the secret or the signature: PAHEKO_PLUGIN_SECRET \
+             (or PAHEKO_PUSH_AUTH) does not match the plugin's"
+        }
+        404 => {
+            "nothing at that address: PAHEKO_PLUGIN_URL is wrong, or the plugin is not installed"
+        }
+        405 => "the address does not take POST: PAHEKO_PLUGIN_URL points at the wrong page",
+        _ => "the plugin refuses every ticket: check its logs and the worker's configuration",
+    }
+}
+
+/// The wait a `Retry-After` header asks for: delay-seconds, or an HTTP date in any of
+/// the three forms a recipient must accept (IMF-fixdate, RFC 850, asctime; RFC 9110
+/// §5.6.7), read by the `httpdate` crate. A date in the past means now.
 fn retry_after_for(status: u16, header: Option<&str>, now_unix: u64) -> Option<Duration> {
     if status != 429 && status != 503 {
         return None;
@@ -42,13 +75,18 @@ fn retry_after_for(status: u16, header: Option<&str>, now_unix: u64) -> Option<D
     if let Ok(secs) = header.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
-    let at = crate::clock::parse_http_date(header)?;
+    let at = httpdate::parse_http_date(header)
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
     Some(Duration::from_secs(at.saturating_sub(now_unix)))
 }
 
 impl RetryConfig {
     /// The wait before attempt `n + 1`, after `n` failed attempts (n ≥ 1):
-    /// BACKOFF × FACTOR^(n-1), as the Python worker did, capped at `max_backoff`.
+    /// BACKOFF × FACTOR^(n-1), as the Python worker did, capped at `max_backoff`. The
+    /// schedule goes on past MAX_RETRIES: a parked event keeps the capped backoff.
     pub fn delay_after(&self, failed_attempts: u32) -> Duration {
         let exponent = failed_attempts.saturating_sub(1).min(1000) as i32;
         let secs = self.backoff.as_secs_f64() * self.factor.powi(exponent);
@@ -56,12 +94,91 @@ impl RetryConfig {
         Duration::from_secs_f64(if secs.is_finite() { secs.min(cap) } else { cap })
     }
 
-    /// The wait when the plugin asked for one: its `Retry-After`, within the cap, so a
-    /// plugin saying "come back tomorrow" does not stall the worker for a day.
+    /// The wait before the next attempt: the plugin's `Retry-After` when it gave one
+    /// (kept as asked, within the cap, so "come back tomorrow" does not stall a lane for
+    /// a day), else our own backoff spread by [`jitter`].
     pub fn delay_for(&self, failed_attempts: u32, retry_after: Option<Duration>) -> Duration {
         match retry_after {
             Some(asked) => asked.min(self.max_backoff),
-            None => self.delay_after(failed_attempts),
+            None => jitter(self.delay_after(failed_attempts)),
+        }
+    }
+}
+
+/// `d` spread by ±10 %, so that events (and the probes of several instances) do not
+/// fall into step.
+pub fn jitter(d: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    let unit = (h.finish() % 2001) as f64 / 1000.0 - 1.0;
+    d.mul_f64(1.0 + 0.1 * unit)
+}
+
+/// When a ticket is given up on (§3 of issue 8): a *round* is MAX_RETRIES transient
+/// failures in a row; it counts when the plugin accepted other tickets since the
+/// ticket's previous round ended, i.e. the ticket is failing alone. After
+/// `give_up_after` counted rounds (0 = never) the ticket is dead-lettered as
+/// `failing_alone`, so its session can go on. A plugin down for everyone accepts
+/// nothing, so no round counts and nothing is ever given up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GiveUp {
+    pub round: u32,
+    pub after_rounds: u32,
+}
+
+/// What the acker remembers of a ticket that failed at least once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tries {
+    /// Transient failures so far: the backoff's exponent.
+    pub failed: u32,
+    /// Rounds that ended while other tickets were accepted.
+    pub alone_rounds: u32,
+    /// The plugin's acceptances (all tickets) when the current round began.
+    pub accepted_at_round_start: u64,
+}
+
+/// The acker's next step for a ticket after a transient failure.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Next {
+    /// Try again after this long. `parked`: a round just ended (logged louder).
+    Retry { after: Duration, parked: bool },
+    /// Failing alone for `give_up.after_rounds` rounds: dead-letter it.
+    GiveUp,
+}
+
+impl Tries {
+    pub fn new(accepted: u64) -> Tries {
+        Tries {
+            failed: 0,
+            alone_rounds: 0,
+            accepted_at_round_start: accepted,
+        }
+    }
+
+    /// Records a transient failure. `accepted` is the plugin's running count of
+    /// accepted tickets (all of them).
+    pub fn failed(
+        &mut self,
+        policy: &RetryConfig,
+        give_up_after: u32,
+        accepted: u64,
+        retry_after: Option<Duration>,
+    ) -> Next {
+        self.failed = self.failed.saturating_add(1);
+        let round_ended = self.failed.is_multiple_of(policy.max_attempts);
+        if round_ended {
+            if accepted > self.accepted_at_round_start {
+                self.alone_rounds += 1;
+            }
+            self.accepted_at_round_start = accepted;
+            if give_up_after > 0 && self.alone_rounds >= give_up_after {
+                return Next::GiveUp;
+            }
+        }
+        Next::Retry {
+            after: policy.delay_for(self.failed, retry_after),
+            parked: round_ended,
         }
     }
 }
@@ -95,22 +212,45 @@ mod tests {
 
     #[test]
     fn statuses_are_classified() {
-        assert_eq!(classify(200, None, 0), Verdict::Delivered);
-        assert_eq!(classify(204, None, 0), Verdict::Delivered);
+        assert_eq!(
+            classify(200, None, 0, &DEAD_LETTER_STATUSES),
+            Verdict::Delivered
+        );
+        assert_eq!(
+            classify(204, None, 0, &DEAD_LETTER_STATUSES),
+            Verdict::Delivered
+        );
         for transient in [500, 502, 503, 504, 408, 429, 301, 302, 100] {
             assert!(
-                matches!(classify(transient, None, 0), Verdict::Transient { .. }),
+                matches!(
+                    classify(transient, None, 0, &DEAD_LETTER_STATUSES),
+                    Verdict::Transient { .. }
+                ),
                 "{transient}"
             );
         }
-        for refused in [400, 401, 403, 404, 409, 413, 422] {
-            assert_eq!(classify(refused, None, 0), Verdict::Refused, "{refused}");
+        for rejected in DEAD_LETTER_STATUSES {
+            assert_eq!(
+                classify(rejected, None, 0, &DEAD_LETTER_STATUSES),
+                Verdict::Rejected,
+                "{rejected}"
+            );
         }
+        for refusing in [401, 403, 404, 405, 410, 451] {
+            assert_eq!(
+                classify(refusing, None, 0, &DEAD_LETTER_STATUSES),
+                Verdict::Refusing,
+                "{refusing}"
+            );
+        }
+        // The list is the operator's: 403 may be made per-ticket, 422 plugin-wide.
+        assert_eq!(classify(403, None, 0, &[403]), Verdict::Rejected);
+        assert_eq!(classify(422, None, 0, &[403]), Verdict::Refusing);
     }
 
     #[test]
     fn retry_after_is_read_on_429_and_503_only() {
-        let after = |status, h| match classify(status, Some(h), 1_000_000) {
+        let after = |status, h| match classify(status, Some(h), 1_000_000, &DEAD_LETTER_STATUSES) {
             Verdict::Transient { retry_after } => retry_after,
             v => panic!("{v:?}"),
         };
@@ -130,6 +270,30 @@ mod tests {
     }
 
     #[test]
+    fn retry_after_takes_the_three_http_date_forms() {
+        // RFC 9110 §5.6.7: a recipient accepts IMF-fixdate, RFC 850 and asctime.
+        let at = 784_111_777 - 10; // 10 s before Sun, 06 Nov 1994 08:49:37 GMT
+        for date in [
+            "Sun, 06 Nov 1994 08:49:37 GMT",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+        ] {
+            assert_eq!(
+                retry_after_for(503, Some(date), at),
+                Some(Duration::from_secs(10)),
+                "{date}"
+            );
+            assert_eq!(
+                retry_after_for(429, Some(date), at + 60),
+                Some(Duration::ZERO)
+            );
+        }
+        for bad in ["Sun, 06 Nov 1994 08:49:37 PST", "tomorrow", "-1", "", "1.5"] {
+            assert_eq!(retry_after_for(503, Some(bad), at), None, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn retry_after_is_capped() {
         let p = policy();
         assert_eq!(
@@ -140,6 +304,85 @@ mod tests {
             p.delay_for(3, Some(Duration::from_secs(2))),
             Duration::from_secs(2)
         );
-        assert_eq!(p.delay_for(3, None), Duration::from_secs(4));
+        let jittered = p.delay_for(3, None).as_secs_f64();
+        assert!((3.6..=4.4).contains(&jittered), "{jittered}");
+    }
+
+    #[test]
+    fn jitter_stays_within_ten_percent() {
+        for _ in 0..100 {
+            let j = jitter(Duration::from_secs(10)).as_secs_f64();
+            assert!((9.0..=11.0).contains(&j), "{j}");
+        }
+    }
+
+    /// Fails `rounds` full rounds; `others` tickets are accepted during each.
+    fn fail_rounds(t: &mut Tries, give_up: u32, rounds: u32, others: u64) -> Vec<Next> {
+        let p = policy();
+        let mut accepted = t.accepted_at_round_start;
+        let mut out = Vec::new();
+        for _ in 0..rounds * p.max_attempts {
+            accepted += others;
+            out.push(t.failed(&p, give_up, accepted, None));
+        }
+        out
+    }
+
+    #[test]
+    fn a_parked_event_keeps_the_capped_backoff() {
+        let mut t = Tries::new(0);
+        let nexts = fail_rounds(&mut t, 0, 4, 0);
+        let after: Vec<f64> = nexts
+            .iter()
+            .map(|n| match n {
+                Next::Retry { after, .. } => after.as_secs_f64(),
+                Next::GiveUp => panic!("never gives up with 0"),
+            })
+            .collect();
+        // Attempt 5 ended the first round: the 6th waits 16 s (±10 %), not CLAIM_IDLE.
+        assert!((14.4..=17.6).contains(&after[4]), "{after:?}");
+        assert!(after[19] <= 330.0 && after[19] >= 270.0, "{after:?}");
+        let parked: Vec<usize> = nexts
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| matches!(n, Next::Retry { parked: true, .. }))
+            .map(|(i, _)| i + 1)
+            .collect();
+        assert_eq!(parked, [5, 10, 15, 20]);
+    }
+
+    #[test]
+    fn a_ticket_failing_alone_is_given_up_after_the_counted_rounds() {
+        let mut t = Tries::new(100);
+        let nexts = fail_rounds(&mut t, 3, 3, 1);
+        assert_eq!(nexts.iter().filter(|n| **n == Next::GiveUp).count(), 1);
+        assert_eq!(nexts.last(), Some(&Next::GiveUp));
+        assert_eq!(t.alone_rounds, 3);
+    }
+
+    #[test]
+    fn an_outage_for_everyone_never_gives_up() {
+        let mut t = Tries::new(100);
+        let nexts = fail_rounds(&mut t, 1, 50, 0);
+        assert!(nexts.iter().all(|n| *n != Next::GiveUp));
+        assert_eq!(t.alone_rounds, 0);
+    }
+
+    #[test]
+    fn only_rounds_with_other_acceptances_count() {
+        let mut t = Tries::new(0);
+        // Round 1: others accepted. Round 2: an outage. Round 3: others again.
+        assert!(
+            fail_rounds(&mut t, 2, 1, 1)
+                .iter()
+                .all(|n| *n != Next::GiveUp)
+        );
+        assert!(
+            fail_rounds(&mut t, 2, 1, 0)
+                .iter()
+                .all(|n| *n != Next::GiveUp)
+        );
+        assert_eq!(t.alone_rounds, 1);
+        assert_eq!(fail_rounds(&mut t, 2, 1, 1).last(), Some(&Next::GiveUp));
     }
 }

@@ -11,7 +11,12 @@ pub const FAILURES_BEFORE_ERROR: u64 = 3;
 #[derive(Debug, Default)]
 pub struct Stats {
     pub configured: AtomicBool,
+    /// The reader's connection answered its last command.
     pub redis_ok: AtomicBool,
+    /// The acker's last acknowledgement or dead letter failed, and is waiting to be
+    /// written again. Kept apart from `redis_ok` so the two connections do not
+    /// overwrite each other's view (/health's `redis` flapped between ok and error).
+    pub redis_writes_failing: AtomicBool,
     /// Unix seconds of the last delivery, 0 for none yet.
     pub last_success_at: AtomicU64,
     /// Failed HTTP attempts since the last delivery.
@@ -22,12 +27,15 @@ pub struct Stats {
     pub retried: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub invalid: AtomicU64,
-    /// Events whose in-line retries ran out, waiting to be tried again.
+    /// Events waiting for their next attempt (backoff or Retry-After).
     pub parked: AtomicU64,
     /// Pending entries that were trimmed from the stream before delivery.
     pub lost_to_trim: AtomicU64,
     /// Unix seconds since the circuit breaker opened; 0 while Paheko answers.
     pub paheko_down_since: AtomicU64,
+    /// The 4xx the plugin answers to every ticket (a plugin-wide refusal: 401, 403,
+    /// 404…), 0 when it does not.
+    pub paheko_refusing: AtomicU64,
     /// Entries in the stream the group has not read yet (XINFO GROUPS lag).
     pub lag: AtomicU64,
     /// Backlog (pending + lag) above which /health warns; 0 never warns.
@@ -36,6 +44,9 @@ pub struct Stats {
     pub oldest_pending_age_seconds: AtomicU64,
     /// Length of the dead-letter stream.
     pub dead_letters: AtomicU64,
+    /// Entries held in memory (read, not yet settled) and their fields' bytes.
+    pub held: AtomicU64,
+    pub held_bytes: AtomicU64,
     /// `trimmed` records in the dead-letter stream (tickets lost before they were
     /// read), as the reader last counted them; /health stays degraded while any remain.
     pub trimmed_records: AtomicU64,
@@ -56,6 +67,55 @@ impl Stats {
 
     pub fn set_redis_ok(&self, ok: bool) {
         self.redis_ok.store(ok, Relaxed);
+    }
+
+    /// Whether Redis answers both the reader and the acker.
+    pub fn redis_up(&self) -> bool {
+        self.redis_ok.load(Relaxed) && !self.redis_writes_failing.load(Relaxed)
+    }
+
+    /// `push_worker` of /health, as the Python worker named it: unconfigured, error
+    /// (requests keep failing, or the plugin refuses every ticket) or ok.
+    pub fn push_worker(&self) -> &'static str {
+        if !self.configured.load(Relaxed) {
+            "unconfigured"
+        } else if self.consecutive_failures.load(Relaxed) >= FAILURES_BEFORE_ERROR
+            || self.paheko_refusing.load(Relaxed) != 0
+        {
+            "error"
+        } else {
+            "ok"
+        }
+    }
+
+    /// `paheko` of /health: up, down (the breaker is open on failures) or refusing.
+    pub fn paheko(&self) -> &'static str {
+        match (
+            self.paheko_refusing.load(Relaxed),
+            self.paheko_down_since.load(Relaxed),
+        ) {
+            (0, 0) => "up",
+            (0, _) => "down",
+            _ => "refusing",
+        }
+    }
+
+    /// The overall `status` of /health: error (Redis unreachable, or a refusing plugin,
+    /// which will not heal by itself: someone must fix the secret or the URL),
+    /// degraded (it delivers, or will once Paheko is back, but something needs a look),
+    /// or ok.
+    pub fn status(&self) -> &'static str {
+        if !self.redis_up() || self.paheko_refusing.load(Relaxed) != 0 {
+            "error"
+        } else if self.push_worker() != "ok"
+            || self.lost_to_trim.load(Relaxed) > 0
+            || self.paheko_down_since.load(Relaxed) != 0
+            || self.backlog_warning()
+        {
+            "degraded"
+        } else {
+            "ok"
+        }
     }
 
     /// Whether pending plus unread entries passed the warning level: the producer

@@ -2,8 +2,12 @@
 //! killed with SIGKILL at random moments and restarted, Redis is restarted once (AOF
 //! on), and the plugin answers 20 % of requests with 503 and drops 1 % of connections.
 //! Nothing may be lost, each session's tickets must first reach the plugin in order, and
-//! nothing may stay pending. The short run is part of the suite; `scripts/chaos` runs
-//! the long one (20,000 events).
+//! nothing may stay pending. "Reach" means accepted: the sink wrote its 2xx whole to a
+//! worker still there (`Received::accepted`), so a request cut short by a kill, or
+//! answered after it, does not count. Each run also proves that its kills hit work in
+//! flight: most kills find a request at the plugin whose entry is still pending after
+//! the kill. The short run is part of the suite; `scripts/chaos` runs the long one
+//! (20,000 events).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -23,13 +27,6 @@ fn mood(r: &Received) -> u64 {
             (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
         });
     h % 100
-}
-
-/// Whether the plugin took this request: answered 2xx, and the request was whole. A
-/// worker killed between the headers and the body leaves a truncated request, which
-/// the sink records and no plugin would accept.
-fn accepted(r: &Received) -> bool {
-    mood(r) >= 21 && serde_json::from_slice::<serde_json::Value>(&r.body).is_ok()
 }
 
 /// A small deterministic generator for the kill moments.
@@ -97,10 +94,12 @@ fn chaos(events: usize, sessions: usize, kills: usize) {
                     Ok(id) => {
                         published.lock().unwrap().push((id, session, n / sessions));
                         n += 1;
-                        // Spread over the kills: about half a second of tickets each.
+                        // Spread over the kills (0.5 s apart on average, plus the Redis
+                        // restart): about 0.8 s of tickets each, so that every kill finds
+                        // work to interrupt.
                         if n % 10 == 0 {
                             thread::sleep(Duration::from_micros(
-                                10 * 500_000 * kills as u64 / events as u64,
+                                10 * 800_000 * kills as u64 / events as u64,
                             ));
                         }
                     }
@@ -113,16 +112,40 @@ fn chaos(events: usize, sessions: usize, kills: usize) {
 
     let mut rng = Lcg(0x5eed);
     let started = Instant::now();
+    // Per kill: whether a request at the plugin at that moment stayed pending (sent, not
+    // acknowledged), and how many entries were pending just after it.
+    let mut hits = Vec::new();
     for k in 0..kills {
         let mut worker = Worker::spawn(&env);
+        // Random moments are the point here; the sleeps pick them, they wait for nothing.
         thread::sleep(Duration::from_millis(150 + rng.below(700)));
         if k == kills / 2 {
             redis.stop();
             thread::sleep(Duration::from_millis(rng.below(500)));
             redis.restart();
         }
+        // Then the first moment with a request at the plugin, if one comes within 2 s
+        // (the producer may be done and the worker idle).
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut in_flight = sink.in_progress();
+        while in_flight.is_empty() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(1));
+            in_flight = sink.in_progress();
+        }
         worker.kill9();
+        let pending: HashSet<String> = pending_ids(&mut redis.conn(), STREAM, GROUP)
+            .into_iter()
+            .collect();
+        let hit = in_flight
+            .iter()
+            .any(|r| r.idempotency_key().is_some_and(|k| pending.contains(k)));
+        hits.push((hit, pending.len()));
     }
+    let hit_count = hits.iter().filter(|(hit, _)| *hit).count();
+    assert!(
+        hit_count * 2 >= kills,
+        "only {hit_count} of {kills} kills hit a request in flight: (hit, pending) {hits:?}"
+    );
     let last = Worker::spawn(&env);
     let mut conn = redis.conn();
     wait_until(
@@ -144,7 +167,7 @@ fn chaos(events: usize, sessions: usize, kills: usize) {
     // by the producer, so a sale number can stand in two entries.)
     let mut first_accepted: HashSet<String> = HashSet::new();
     let mut session_order: HashMap<String, Vec<(u64, u64)>> = HashMap::new();
-    for r in received.iter().filter(|r| accepted(r)) {
+    for r in received.iter().filter(|r| r.accepted()) {
         let id = r.idempotency_key().unwrap().to_owned();
         if first_accepted.insert(id.clone()) {
             let sale = sale_of(r);
@@ -172,10 +195,12 @@ fn chaos(events: usize, sessions: usize, kills: usize) {
             "{session} reached the plugin out of order: {order:?}"
         );
     }
-    let accepted_total = received.iter().filter(|r| accepted(r)).count();
+    let accepted_total = received.iter().filter(|r| r.accepted()).count();
     println!(
-        "chaos: {events} events, {sessions} sessions, {kills} kill -9, 1 Redis restart: {} requests, \
-         {} accepted, {} duplicate deliveries, 0 lost, in {:.1} s",
+        "chaos: {events} events, {sessions} sessions, {kills} kill -9 ({hit_count} with a \
+         request in flight; pending after each: {:?}), 1 Redis restart: {} requests, {} \
+         accepted, {} duplicate deliveries, 0 lost, in {:.1} s",
+        hits.iter().map(|(_, p)| p).collect::<Vec<_>>(),
         received.len(),
         accepted_total,
         accepted_total - first_accepted.len(),

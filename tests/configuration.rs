@@ -127,20 +127,88 @@ fn dotenv_is_read_from_the_working_directory_and_the_environment_wins() {
     publish_ticket(&mut conn, "cs-1", "sale-1");
     let received = sink.wait_for_count(1, T);
     assert_eq!(received[0].header("x-paheko-secret"), Some("from-dotenv"));
-    let consumers: Vec<Vec<redis::Value>> = redis::cmd("XINFO")
+    assert_eq!(consumer_names(&mut conn), ["env-name"]);
+}
+
+/// The group's consumers, by name.
+fn consumer_names(conn: &mut redis::Connection) -> Vec<String> {
+    let consumers: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
         .arg("CONSUMERS")
         .arg(STREAM)
         .arg(GROUP)
-        .query(&mut conn)
+        .query(conn)
         .unwrap();
-    assert!(
-        format!("{consumers:?}").contains("env-name"),
-        "{consumers:?}"
+    consumers
+        .iter()
+        .map(|c| redis::from_redis_value_ref(&c["name"]).unwrap())
+        .collect()
+}
+
+/// RecyClique's `.env` is written for python-dotenv and docker compose (issue 8 §7): an
+/// inline comment after a value is not part of it, quotes keep `#` and spaces, and
+/// escapes inside double quotes are decoded.
+#[test]
+fn dotenv_is_read_as_docker_compose_and_python_dotenv_read_it() {
+    let redis = RedisServer::start();
+    let sink = Sink::ok();
+    let mut conn = redis.conn();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".env"),
+        format!(
+            "# RecyClique's .env\n\
+             export REDIS_URL={}  # internal\n\
+             PAHEKO_PLUGIN_SECRET=\"s3#cr\\\"et \\\\ x\"   # quoted: the # stays, \\\" and \\\\ decoded\n\
+             PAHEKO_PUSH_CONSUMER='single # quoted'\n\
+             PAHEKO_PUSH_CONCURRENCY=2 # two pushers\n",
+            redis.url()
+        ),
+    )
+    .unwrap();
+    let env = env_without(
+        base_env(&redis, &sink),
+        &[
+            "REDIS_URL",
+            "PAHEKO_PLUGIN_SECRET",
+            "PAHEKO_PUSH_CONSUMER",
+            "PAHEKO_PUSH_CONCURRENCY",
+        ],
     );
-    assert!(
-        !format!("{consumers:?}").contains("dotenv-name"),
-        "{consumers:?}"
+    let worker = Worker::spawn_in(dir.path(), env);
+    publish_ticket(&mut conn, "cs-1", "sale-1");
+    let received = sink.wait_for_count(1, T);
+    assert_eq!(
+        received[0].header("x-paheko-secret"),
+        Some(r#"s3#cr"et \ x"#),
+        "{}",
+        worker.stderr()
     );
+    assert_eq!(consumer_names(&mut conn), ["single # quoted"]);
+}
+
+#[test]
+fn a_dotenv_line_that_cannot_be_read_stops_the_start_naming_the_line_not_the_value() {
+    let redis = RedisServer::start();
+    let sink = Sink::ok();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".env"),
+        "# comment\nPAHEKO_PUSH_CONSUMER=ok\n\nPAHEKO_PLUGIN_SECRET=two Secret-Words\n",
+    )
+    .unwrap();
+    let finished = Worker::run_to_end_in(
+        dir.path(),
+        &[],
+        env_without(base_env(&redis, &sink), &["PAHEKO_PLUGIN_SECRET"]),
+    );
+    assert_eq!(finished.code(), Some(2), "{finished:?}");
+    assert!(
+        finished
+            .stderr
+            .contains(".env: line 4 (PAHEKO_PLUGIN_SECRET)"),
+        "{finished:?}"
+    );
+    assert!(!finished.stderr.contains("Secret-Words"), "{finished:?}");
 }
 
 #[test]

@@ -147,6 +147,10 @@ fn sink_records_requests_and_replies_as_scripted() {
         .map(|r| (r.idempotency_key().unwrap(), r.attempt))
         .collect();
     assert_eq!(summary, [("k1", 1), ("k2", 1), ("k1", 2), ("k1", 3)]);
+    // What the sink wrote is recorded once it is written: only the 200 is an acceptance.
+    let answered: Vec<Option<u16>> = sink.wait_settled(T).iter().map(|r| r.answered).collect();
+    assert_eq!(answered, [Some(503), Some(503), Some(503), Some(200)]);
+    assert_eq!(sink.accepted_keys(), ["k1"]);
     let first = &got[0];
     assert_eq!(first.method, "POST");
     assert_eq!(first.path, "/paheko/push");
@@ -186,6 +190,7 @@ fn sink_records_requests_and_replies_as_scripted() {
     );
     assert!(read.is_ok() || read.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset));
     assert_eq!(sink.received().last().unwrap().body, b"{}");
+    assert_eq!(sink.wait_settled(T).last().unwrap().answered, None);
 }
 
 #[test]

@@ -443,6 +443,7 @@ fn a_live_instance_keeps_its_parked_entries_from_the_other() {
                 ("PAHEKO_PUSH_CONSUMER", name),
                 ("PAHEKO_PUSH_CLAIM_IDLE_SECONDS", "3"),
                 ("PAHEKO_PUSH_MAX_RETRIES", "2"),
+                ("PAHEKO_PUSH_MAX_BACKOFF_SECONDS", "1"),
                 ("PAHEKO_PUSH_BREAKER_THRESHOLD", "0"),
             ],
         )

@@ -5,7 +5,6 @@
 //! code), and by the PHP function of docs/plugin-contract.md, extracted from the
 //! document at test time and run with php-cli, so the documentation cannot drift.
 
-use std::io::Write as _;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -201,23 +200,14 @@ struct Php {
 
 impl Php {
     /// The PHP runner, or `None` (with a loud message) when php is not installed and CI
-    /// is not set; under CI a missing php fails the test, since scripts/test installs it.
+    /// is not set; under CI a missing php fails the test, since scripts/test installs it
+    /// (see `have_tool`).
     fn find() -> Option<Php> {
-        let found = Command::new("php")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
-                panic!("php-cli is missing under CI: scripts/test installs it (ensure_php)");
-            }
-            // Straight to stderr: libtest captures eprintln! of a passing test.
-            let _ = std::io::stderr().write_all(
-                b"\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
-                  SKIPPED: the PHP snippet of docs/plugin-contract.md was NOT run: php is not \
-                  installed.\nRun scripts/test (it installs php-cli) or apt-get install php-cli.\n\
-                  !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n",
-            );
+        if !have_tool(
+            "php",
+            "the PHP snippet of docs/plugin-contract.md",
+            "ensure_php",
+        ) {
             return None;
         }
         let dir = tempfile::Builder::new()
@@ -277,7 +267,7 @@ echo paheko_push_verify(getenv('SECRET'), $h['webhook-id'] ?? null,
 }
 
 /// The PHP between the markers of docs/plugin-contract.md, without the code fence.
-fn snippet() -> String {
+pub(crate) fn snippet() -> String {
     let doc = std::fs::read_to_string(Path::new(CONTRACT)).expect("reading the contract");
     let start = doc.find(BEGIN).expect("begin marker") + BEGIN.len();
     let end = doc[start..].find(END).expect("end marker") + start;

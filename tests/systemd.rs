@@ -4,7 +4,6 @@
 //! hardening of scripts/paheko-push.service as `systemd-analyze security` rates it,
 //! and `paheko-push check`.
 
-use std::io::Write as _;
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::process::Command;
@@ -167,7 +166,7 @@ fn the_unit_file_is_rated_2_or_lower_by_systemd_analyze() {
         "MemoryDenyWriteExecute=yes",
         "LoadCredential=paheko-secret:/etc/paheko-push/secret",
         "Environment=PAHEKO_PLUGIN_SECRET_FILE=%d/paheko-secret",
-        "EnvironmentFile=-/etc/paheko-push/env",
+        "EnvironmentFile=-/etc/paheko-push/paheko-push.env",
         "Restart=always",
     ] {
         assert!(
@@ -175,14 +174,13 @@ fn the_unit_file_is_rated_2_or_lower_by_systemd_analyze() {
             "{directive} missing"
         );
     }
-    let Ok(verify) = Command::new("systemd-analyze").arg("--version").output() else {
-        // Straight to stderr: libtest captures eprintln! of a passing test.
-        let _ = std::io::stderr().write_all(
-            b"SKIPPED: systemd-analyze is not installed; the unit was neither verified nor rated\n",
-        );
+    if !have_tool(
+        "systemd-analyze",
+        "the unit's verification and its security rating",
+        "ensure_systemd_analyze",
+    ) {
         return;
-    };
-    assert!(verify.status.success());
+    }
     // `verify` warns about unknown or misspelt directives, and still exits 0: any output
     // is a defect. It also wants ExecStart's binary to exist.
     let dir = tempfile::tempdir().unwrap();
@@ -381,4 +379,81 @@ fn check_fails_on_a_certificate_it_cannot_verify() {
         "{finished:?}"
     );
     assert!(plugin.received().is_empty());
+}
+
+/// The pings that arrived in the last `window`.
+fn pings_within(notify: &NotifySocket, window: Duration) -> usize {
+    let now = Instant::now();
+    notify
+        .messages
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, m)| m == "WATCHDOG=1" && now.duration_since(*t) < window)
+        .count()
+}
+
+#[test]
+fn a_slow_plugin_does_not_stop_the_watchdog() {
+    let notify = NotifySocket::bind();
+    let redis = RedisServer::start();
+    // Each request takes longer than the watchdog interval, within the request timeout.
+    let sink = Sink::start(|_| Reply::status(204).after(Duration::from_millis(3500)));
+    let mut conn = redis.conn();
+    for n in 0..3 {
+        publish_ticket(&mut conn, "cs-1", &format!("sale-{n}"));
+    }
+    let worker = Worker::spawn(env_with(
+        base_env(&redis, &sink),
+        [
+            ("NOTIFY_SOCKET", notify.path()),
+            ("WATCHDOG_USEC", "3000000"),
+            ("PAHEKO_PUSH_TIMEOUT_SECONDS", "5"),
+            ("PAHEKO_PUSH_CLAIM_IDLE_SECONDS", "6"),
+        ],
+    ));
+    sink.wait_for_count(2, T);
+    // The second request is under way: pings go on at least every 1.5 s.
+    assert!(pings_within(&notify, Duration::from_secs(3)) >= 1);
+    sink.wait_for_count(3, T);
+    assert!(pings_within(&notify, Duration::from_secs(3)) >= 1);
+    assert!(!worker.stderr().contains("is stuck"), "{}", worker.stderr());
+}
+
+#[test]
+fn a_stuck_acker_stops_the_watchdog_pings() {
+    let notify = NotifySocket::bind();
+    let redis = RedisServer::start();
+    let sink = Sink::ok();
+    let mut conn = redis.conn();
+    publish_ticket(&mut conn, "cs-1", "sale-1");
+    let mut worker = Worker::spawn(env_with(
+        base_env(&redis, &sink),
+        [
+            ("NOTIFY_SOCKET", notify.path()),
+            ("WATCHDOG_USEC", "2000000"),
+            // A debug-build hook: the acker hangs once a ticket was accepted.
+            ("__PAHEKO_PUSH_TEST_STALL_ACKER", "1"),
+        ],
+    ));
+    sink.wait_for_count(1, T);
+    let line = worker.wait_for_log("the stuck thread named", T, |l| {
+        l["level"] == "error" && l["thread"] == "acker"
+    });
+    assert_eq!(
+        line["msg"],
+        "the acker thread is stuck: no more watchdog pings, systemd will restart the worker"
+    );
+    let before = notify.count("WATCHDOG=1");
+    // Two whole ping periods (1 s each) and more: none while the acker is stuck, though
+    // the reader goes on asking for them.
+    thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        notify.count("WATCHDOG=1"),
+        before,
+        "{:?}",
+        notify.messages()
+    );
+    worker.sigterm();
+    assert!(worker.wait_exit(T).success());
 }

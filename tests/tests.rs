@@ -4,15 +4,23 @@
 
 mod util;
 
+mod alerts;
+mod answers;
 mod chaos;
 mod configuration;
+mod crash;
 mod dead_letters;
 mod delivery;
 mod harness;
+mod health_command;
+mod held;
 mod lifecycle;
 mod metrics;
 mod observability;
+mod packaging;
+mod receiver;
 mod resilience;
+mod retries;
 mod signing;
 mod systemd;
 mod tls;

@@ -31,7 +31,10 @@ use std::time::{Duration, Instant};
 
 // Re-exported whole; the tests use different subsets.
 #[allow(unused_imports)]
-pub use redis_server::{RedisServer, pending_count, stream_entries, xadd, xadd_bytes, xlen};
+pub use redis_server::{
+    RedisServer, group_info, group_lag, pending_count, pending_ids, stream_entries, xadd,
+    xadd_bytes, xlen,
+};
 #[allow(unused_imports)]
 pub use sink::{Received, Reply, Sink};
 #[allow(unused_imports)]
@@ -223,4 +226,76 @@ pub fn read_as(conn: &mut redis::Connection, consumer: &str) {
         .arg(">")
         .query::<redis::Value>(conn)
         .unwrap_or_else(|e| panic!("XREADGROUP as {consumer}: {e}"));
+}
+
+/// Every trace of `secret` in `text`: the secret whole, any piece of 4 characters or
+/// more, and the hex of any piece of 4 bytes or more, with or without spaces and in
+/// either case (a wire dump prints 16 bytes a line as `7833 6372 …` plus their ASCII,
+/// so a secret comes out in pieces that a search for the whole misses). Empty when
+/// nothing leaked. Each 4-character or 4-byte window is enough: a longer piece contains
+/// one.
+pub fn leaks(text: &str, secret: &str) -> Vec<String> {
+    let bytes = secret.as_bytes();
+    assert!(bytes.len() >= 4, "a secret of at least 4 bytes: {secret:?}");
+    let squeezed: String = text
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let mut found = Vec::new();
+    for piece in bytes.windows(4) {
+        let plain = String::from_utf8_lossy(piece);
+        if text.contains(plain.as_ref()) {
+            found.push(format!("piece {plain:?}"));
+        }
+        let hex: String = piece.iter().map(|b| format!("{b:02x}")).collect();
+        if squeezed.contains(&hex) {
+            found.push(format!("hex {hex} of {plain:?}"));
+        }
+    }
+    found
+}
+
+/// Whether no 4-byte window of `secret` could turn up in a log by chance, as pieces or
+/// as hex: each window holds an upper-case letter (so no lower-case word or number
+/// matches it) and a byte whose hex has a letter (so no run of digits matches its hex).
+/// The leak tests check their secrets with it, so that [`leaks`] cannot fire on noise.
+pub fn is_distinctive(secret: &str) -> bool {
+    secret.as_bytes().windows(4).all(|w| {
+        w.iter().any(u8::is_ascii_uppercase)
+            && w.iter()
+                .any(|b| format!("{b:02x}").bytes().any(|h| h.is_ascii_alphabetic()))
+    })
+}
+
+/// Whether CI is running the tests (`CI` set, and not empty, `0` or `false`), as on the
+/// project's CI, where `scripts/test` installs every tool a test needs.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"))
+}
+
+/// Whether `tool` runs (`tool --version` succeeds). When it does not, a test skips the
+/// part that needs it, saying so loudly, except under CI ([`under_ci`]), where a
+/// missing tool fails the test: skipped means failed there, since `scripts/test`
+/// installs the tool (`install`, the `scripts/lib.sh` function that does it).
+pub fn have_tool(tool: &str, skipped: &str, install: &str) -> bool {
+    let runs = std::process::Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !runs {
+        assert!(
+            !under_ci(),
+            "{tool} is missing under CI: scripts/test installs it ({install} in scripts/lib.sh); \
+             not checked: {skipped}"
+        );
+        // Straight to stderr: libtest captures eprintln! of a passing test.
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n!!!!!!!! SKIPPED: {tool} is not installed, so NOT checked: {skipped}. Run \
+             scripts/test ({install} installs it). Under CI=true this fails. !!!!!!!!\n"
+        );
+    }
+    runs
 }

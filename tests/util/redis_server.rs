@@ -351,3 +351,46 @@ pub fn stream_entries(conn: &mut redis::Connection, stream: &str) -> Vec<StreamE
         })
         .collect()
 }
+
+/// The group's entry in `XINFO GROUPS stream`, as field name → value; `None` when the
+/// stream or the group does not exist.
+pub fn group_info(
+    conn: &mut redis::Connection,
+    stream: &str,
+    group: &str,
+) -> Option<std::collections::HashMap<String, Value>> {
+    let groups: Vec<std::collections::HashMap<String, Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query(conn)
+        .ok()?;
+    groups.into_iter().find(|g| {
+        g.get("name")
+            .and_then(|n| redis::from_redis_value_ref::<String>(n).ok())
+            == Some(group.to_owned())
+    })
+}
+
+/// The group's `lag` (entries not yet read by the group), from XINFO GROUPS (Redis 7);
+/// `None` when Redis cannot tell (after deletions or trimming) or there is no group.
+pub fn group_lag(conn: &mut redis::Connection, stream: &str, group: &str) -> Option<u64> {
+    let info = group_info(conn, stream, group)?;
+    redis::from_redis_value_ref::<Option<u64>>(info.get("lag")?).ok()?
+}
+
+/// The IDs of the entries delivered to `group` and not yet acknowledged, oldest first;
+/// empty when the stream or the group does not exist.
+pub fn pending_ids(conn: &mut redis::Connection, stream: &str, group: &str) -> Vec<String> {
+    let pending: Result<Vec<(String, String, u64, u64)>, _> = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .arg("-")
+        .arg("+")
+        .arg(1_000_000)
+        .query(conn);
+    match pending {
+        Ok(pending) => pending.into_iter().map(|p| p.0).collect(),
+        Err(e) if e.code() == Some("NOGROUP") => Vec::new(),
+        Err(e) => panic!("XPENDING {stream} {group} - +: {e}"),
+    }
+}

@@ -4,10 +4,15 @@
 //! answers what the test's responder decides: a status, headers, a body, after a delay,
 //! or no answer at all (the connection is closed). Eight handler threads share the
 //! server, so a slow reply to one request does not hold up the others.
+//!
+//! What it answered is recorded too ([`Received::answered`]): a request counts as
+//! accepted, as a plugin would have committed it, only once its 2xx was written whole
+//! to a client that was still there. A worker killed while the sink waited to answer
+//! has closed its socket; the sink sees that and writes nothing (issue 8 §8).
 
 use std::collections::HashMap;
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
@@ -37,6 +42,10 @@ pub struct Received {
     /// 1 for the first request carrying this `Idempotency-Key`, 2 for the second, …
     /// Requests without the header share one count of their own.
     pub attempt: u32,
+    /// The status the sink wrote whole to the client, once it has; `None` while the
+    /// answer is pending, and for good when the connection was dropped, the client had
+    /// gone before the answer (a worker killed mid-request), or the write failed.
+    pub answered: Option<u16>,
 }
 
 impl Received {
@@ -46,6 +55,11 @@ impl Received {
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
+    }
+
+    /// Whether the plugin took this request: a 2xx was written whole to the client.
+    pub fn accepted(&self) -> bool {
+        self.answered.is_some_and(|s| (200..300).contains(&s))
     }
 
     /// The `Idempotency-Key` header, if any.
@@ -137,6 +151,10 @@ struct Shared {
 #[derive(Default)]
 struct Log {
     received: Vec<Received>,
+    /// Requests whose handling is over: answered, hung up on, or given up.
+    handled: usize,
+    /// Per request, in the order of `received`: whether its handling is over.
+    settled: Vec<bool>,
     attempts: HashMap<Option<String>, u32>,
 }
 
@@ -208,7 +226,6 @@ impl Sink {
         self.shared.log.lock().unwrap().received.clone()
     }
 
-    /// How many requests have been received so far.
     /// The `Idempotency-Key` (the stream entry ID) of every request, in arrival order.
     pub fn keys(&self) -> Vec<String> {
         self.received()
@@ -217,8 +234,66 @@ impl Sink {
             .collect()
     }
 
+    /// How many requests have been received so far, accepted or not.
     pub fn count(&self) -> usize {
         self.shared.log.lock().unwrap().received.len()
+    }
+
+    /// Waits until every request received so far has been dealt with (answered, hung up
+    /// on, or found without a client), so that [`Received::answered`] is final for each.
+    pub fn wait_settled(&self, timeout: Duration) -> Vec<Received> {
+        super::wait_for("every request at the sink dealt with", timeout, || {
+            let log = self.shared.log.lock().unwrap();
+            (log.handled == log.received.len()).then(|| log.received.clone())
+        })
+    }
+
+    /// The requests the sink is still working on (waiting out a scripted delay, or
+    /// writing the answer): in flight for the client that sent them.
+    pub fn in_progress(&self) -> Vec<Received> {
+        let log = self.shared.log.lock().unwrap();
+        log.received
+            .iter()
+            .zip(&log.settled)
+            .filter(|(_, settled)| !**settled)
+            .map(|(r, _)| r.clone())
+            .collect()
+    }
+
+    /// The requests accepted so far ([`Received::accepted`]), in arrival order.
+    pub fn accepted(&self) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(Received::accepted)
+            .collect()
+    }
+
+    /// The `Idempotency-Key` of every accepted request, in arrival order.
+    pub fn accepted_keys(&self) -> Vec<String> {
+        self.accepted()
+            .iter()
+            .map(|r| r.idempotency_key().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    /// Waits until at least `n` requests have been accepted, and returns them.
+    pub fn wait_for_accepted(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let accepted = self.accepted();
+            if accepted.len() >= n {
+                return accepted;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "timed out after {timeout:?}: {n} requests accepted at the sink (got {} of \
+                     {} received)",
+                    accepted.len(),
+                    self.count()
+                );
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
     }
 
     /// Waits until at least `n` requests have been received, and returns them all.
@@ -290,21 +365,35 @@ impl Shared {
                 )
             })
             .collect();
-        let received = self.record(Received {
+        let (index, received) = self.record(Received {
             at: Instant::now(),
             method: request.method().as_str().to_owned(),
             path: request.url().to_owned(),
             headers,
             body,
             attempt: 0,
+            answered: None,
         });
+        self.answer(request, index, &received);
+        let mut log = self.log.lock().unwrap();
+        log.handled += 1;
+        log.settled[index] = true;
+    }
 
-        let reply = catch_unwind(AssertUnwindSafe(|| (self.responder)(&received)))
+    /// Answers as the responder says, and records what was written.
+    fn answer(&self, request: Request, index: usize, received: &Received) {
+        let reply = catch_unwind(AssertUnwindSafe(|| (self.responder)(received)))
             .unwrap_or_else(|_| Reply::status(500).with_body("sink responder panicked"));
         if !self.pause(reply.delay) {
             return; // the sink is being dropped: tiny_http answers 500 to a dropped request
         }
         if reply.drop_connection {
+            self.hang_up(request);
+            return;
+        }
+        // A client that went away meanwhile (killed while it waited) gets nothing: an
+        // answer written now would land in a closed socket's buffer, and count.
+        if !self.client_still_there(&request) {
             self.hang_up(request);
             return;
         }
@@ -315,19 +404,58 @@ impl Shared {
                 .unwrap_or_else(|()| panic!("invalid reply header {name}: {value}"));
             response.add_header(header);
         }
-        let _ = request.respond(response);
+        if request.respond(response).is_ok() {
+            self.log.lock().unwrap().received[index].answered = Some(reply.status);
+        }
     }
 
     /// Numbers the attempt and appends the request to the log, under one lock so two
     /// concurrent attempts of one key never get the same number.
-    fn record(&self, mut received: Received) -> Received {
+    /// Returns its index in the log, where its answer is written later.
+    fn record(&self, mut received: Received) -> (usize, Received) {
         let mut log = self.log.lock().unwrap();
         let key = received.idempotency_key().map(str::to_owned);
         let attempt = log.attempts.entry(key).or_insert(0);
         *attempt += 1;
         received.attempt = *attempt;
         log.received.push(received.clone());
-        received
+        log.settled.push(false);
+        (log.received.len() - 1, received)
+    }
+
+    /// Whether the request's client still holds its end of the connection: its socket
+    /// is neither at end of file (the client closed it, or the kernel did for a killed
+    /// process) nor reset. Peeks without waiting and without consuming anything.
+    fn client_still_there(&self, request: &Request) -> bool {
+        let Some(socket) = request.remote_addr().and_then(|&peer| self.socket_of(peer)) else {
+            return false;
+        };
+        let mut byte = 0u8;
+        // SAFETY: a valid descriptor (owned by `socket` for the call) and a 1-byte buffer.
+        let n = unsafe {
+            libc::recv(
+                socket.as_raw_fd(),
+                (&raw mut byte).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        match n {
+            0 => false,
+            n if n > 0 => true,
+            _ => std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock,
+        }
+    }
+
+    /// A duplicate of the server's socket for the connection from `peer`.
+    fn socket_of(&self, peer: SocketAddr) -> Option<TcpStream> {
+        open_fds()
+            .into_iter()
+            .filter_map(tcp_socket)
+            .find(|socket| {
+                socket.local_addr().map(|a| a.port()).ok() == Some(self.port)
+                    && socket.peer_addr().ok() == Some(peer)
+            })
     }
 
     /// Sleeps `delay` unless the sink is dropped meanwhile; false if it was.
@@ -349,16 +477,8 @@ impl Shared {
     /// this client) and shut it down both ways: the client reads EOF, and tiny_http's
     /// connection thread sees EOF too and ends.
     fn hang_up(&self, request: Request) {
-        if let Some(&peer) = request.remote_addr() {
-            for fd in open_fds() {
-                if let Some(socket) = tcp_socket(fd) {
-                    let local_port = socket.local_addr().map(|a| a.port()).ok();
-                    let remote = socket.peer_addr().ok();
-                    if local_port == Some(self.port) && remote == Some(peer) {
-                        let _ = socket.shutdown(Shutdown::Both);
-                    }
-                }
-            }
+        if let Some(socket) = request.remote_addr().and_then(|&peer| self.socket_of(peer)) {
+            let _ = socket.shutdown(Shutdown::Both);
         }
         drop(request.into_writer());
     }

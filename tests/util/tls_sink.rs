@@ -43,6 +43,12 @@ pub struct TestPki {
 impl TestPki {
     /// Generates the CA and the server certificate (EC P-256, valid two days).
     pub fn generate() -> TestPki {
+        TestPki::generate_for("localhost")
+    }
+
+    /// Like [`generate`](Self::generate), the server certificate valid for `host` (a
+    /// DNS name) and `127.0.0.1`.
+    pub fn generate_for(host: &str) -> TestPki {
         let dir = tempfile::Builder::new()
             .prefix("paheko-pki-")
             .tempdir()
@@ -50,10 +56,12 @@ impl TestPki {
         let pki = TestPki { dir };
         std::fs::write(
             pki.path("server.ext"),
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\n\
-             basicConstraints=critical,CA:FALSE\n\
-             keyUsage=critical,digitalSignature\n\
-             extendedKeyUsage=serverAuth\n",
+            format!(
+                "subjectAltName=DNS:{host},IP:127.0.0.1\n\
+                 basicConstraints=critical,CA:FALSE\n\
+                 keyUsage=critical,digitalSignature\n\
+                 extendedKeyUsage=serverAuth\n"
+            ),
         )
         .expect("writing server.ext");
         pki.openssl(&[
@@ -87,7 +95,7 @@ impl TestPki {
             "-out",
             "server.csr",
             "-subj",
-            "/CN=localhost",
+            &format!("/CN={host}"),
         ]);
         pki.openssl(&[
             "x509",
@@ -306,13 +314,14 @@ impl Shared {
             if stream.read_exact(&mut body).is_err() {
                 return;
             }
-            self.record(Received {
+            let index = self.record(Received {
                 at: Instant::now(),
                 method,
                 path,
                 headers,
                 body,
                 attempt: 0,
+                answered: None,
             });
             let out = stream.get_mut();
             if out
@@ -322,17 +331,21 @@ impl Shared {
             {
                 return;
             }
+            self.received.lock().unwrap()[index].answered = Some(204);
         }
     }
 
-    fn record(&self, mut received: Received) {
+    /// Returns the request's index in the log, where its answer is written later.
+    fn record(&self, mut received: Received) -> usize {
         let mut attempts = self.attempts.lock().unwrap();
         let n = attempts
             .entry(received.idempotency_key().map(str::to_owned))
             .or_insert(0);
         *n += 1;
         received.attempt = *n;
-        self.received.lock().unwrap().push(received);
+        let mut log = self.received.lock().unwrap();
+        log.push(received);
+        log.len() - 1
     }
 }
 

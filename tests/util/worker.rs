@@ -68,6 +68,18 @@ impl Worker {
         dir: Option<&Path>,
         env: impl IntoIterator<Item = impl EnvPair>,
     ) -> Worker {
+        Worker::spawn_program(Path::new(BIN), args, dir, env)
+    }
+
+    /// Like [`spawn_with`](Self::spawn_with), running `program` instead of the binary
+    /// cargo built: the one from the Debian package, or `unshare` running the static
+    /// one in a root of its own (give it absolute paths: the child has no `PATH`).
+    pub fn spawn_program(
+        program: &Path,
+        args: &[&str],
+        dir: Option<&Path>,
+        env: impl IntoIterator<Item = impl EnvPair>,
+    ) -> Worker {
         let files = tempfile::Builder::new()
             .prefix("paheko-worker-")
             .tempdir()
@@ -83,7 +95,7 @@ impl Worker {
         let stdout = fs::File::create(files.path().join("stdout")).expect("creating stdout file");
         let stderr = fs::File::create(files.path().join("stderr")).expect("creating stderr file");
 
-        let mut command = Command::new(BIN);
+        let mut command = Command::new(program);
         command
             .args(args)
             .env_clear()
@@ -97,7 +109,7 @@ impl Worker {
         }
         let child = command
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {BIN}: {e}"));
+            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
         Worker {
             pid: child.id(),
             child: Mutex::new(child),
