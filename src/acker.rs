@@ -21,6 +21,7 @@ use crate::breaker::{Breaker, Cause, Change, Permit};
 use crate::budget::{self, Budget};
 use crate::config::RetryConfig;
 use crate::event::{Event, Incoming, StreamId};
+use crate::lease::{self, Role, Standing};
 use crate::notify::Beat;
 use crate::order::Lanes;
 use crate::pusher::{Done, Reply};
@@ -58,6 +59,10 @@ pub struct Acker {
     pub beat: Beat,
     /// What the reader may still read: the acker gives back what it settled.
     pub budget: Arc<Budget>,
+    /// Whether this instance holds the lease, and its timers (issue 9).
+    pub standing: Standing,
+    /// Tells the reader to read (everything pending first) or to read nothing.
+    pub roles: Sender<Role>,
 }
 
 /// A dead letter waiting to be written, and the lane it unblocks once it is.
@@ -117,7 +122,14 @@ impl Acker {
         loop {
             let now = Instant::now();
             let stopping = stopping_since.is_some();
-            if !stopping {
+            // A standby does not take the lease while stopping; a holder keeps it
+            // renewed while its last requests finish.
+            if (!stopping || self.standing.is_active())
+                && let Some(change) = self.standing.step(&mut self.redis, &self.names, now)
+            {
+                self.standing_changed(&mut s, change);
+            }
+            if !stopping && self.standing.may_send(now) {
                 s.ready.extend(s.lanes.due(now));
                 self.dispatch(&mut s, &work, now);
             }
@@ -134,6 +146,8 @@ impl Acker {
                     .filter(|_| !stopping && !s.ready.is_empty()),
                 s.retry_redis_at,
                 s.touch_at,
+                Some(self.standing.next_timer(now))
+                    .filter(|_| !stopping || self.standing.is_active()),
             ];
             // A deadline already past that the step above could not act on (the
             // pushers are all busy) waits for their answers, not for a zero timeout.
@@ -184,6 +198,7 @@ impl Acker {
                         log::error!(acks = s.to_ack.len(), dead_letters = s.to_dead.len();
                             "stopping with writes Redis did not take: those entries stay pending and will be delivered again");
                     }
+                    self.standing.release(&mut self.redis);
                     return;
                 }
             }
@@ -216,6 +231,7 @@ impl Acker {
     }
 
     fn admit(&self, s: &mut State, batch: Vec<Incoming>) {
+        let active = self.standing.is_active();
         for item in batch {
             let id = item.id();
             let bytes = match &item {
@@ -223,6 +239,12 @@ impl Acker {
                 Incoming::Rejected(r) => budget::size(&r.fields),
                 Incoming::Vanished(_) => 0,
             };
+            if !active {
+                // Read just before this instance stepped down: it stays pending for
+                // the holder, which takes every pending entry over.
+                self.budget.give(bytes);
+                continue;
+            }
             if s.lanes.finished(id) || s.lanes.is_held(id) {
                 // A copy read again: only a finished one needs acknowledging again.
                 if s.lanes.finished(id) {
@@ -306,6 +328,10 @@ impl Acker {
             } => (status, retry_after, body),
             Reply::NoAnswer(error) => (0, None, error),
         };
+        if !self.standing.is_active() && status / 100 != 2 {
+            // Stepped down meanwhile: the entry stays pending for the new holder.
+            return;
+        }
         let verdict = match status {
             0 => Verdict::Transient { retry_after: None },
             _ => crate::retry::classify(
@@ -451,6 +477,37 @@ impl Acker {
         });
     }
 
+    /// Acts on taking or losing the lease: a new holder tells the reader to take over
+    /// every pending entry first; one that steps down sends nothing more, forgets what
+    /// it holds (it stays pending in Redis for the holder) and tells the reader to stop.
+    fn standing_changed(&self, s: &mut State, change: lease::Change) {
+        match change {
+            lease::Change::Took { how, fence } => {
+                self.stats.active.store(true, Relaxed);
+                let previous = match &how {
+                    lease::Taken::Clean { previous } => previous.consumer.as_str(),
+                    _ => "",
+                };
+                log::info!(fence_ms = fence.as_millis() as u64, previous = previous, how = format!("{how:?}").as_str();
+                    "this instance holds the lease: it delivers, taking over every pending entry first");
+                let _ = self.roles.send(Role::Active);
+            }
+            lease::Change::SteppedDown { why } => {
+                self.stats.active.store(false, Relaxed);
+                log::error!(reason = why.as_str(), in_flight = s.in_flight;
+                    "stepping down: {why}; no new request starts, what is held stays pending for the holder");
+                let _ = self.roles.send(Role::Standby);
+                for bytes in s.lanes.clear() {
+                    self.budget.give(bytes);
+                }
+                s.ready.clear();
+                s.tries.clear();
+                s.failing.clear();
+                s.to_dead.clear();
+            }
+        }
+    }
+
     /// Logs a change of the breaker's state and shows it on /health; when the plugin
     /// takes tickets again, the events parked meanwhile go at once.
     fn breaker_changed(&self, s: &mut State, change: Option<Change>) {
@@ -543,7 +600,10 @@ impl Acker {
 
     fn write_all(&mut self, s: &mut State) -> Result<(), redis::RedisError> {
         if !s.to_ack.is_empty() {
-            store::ack(&mut self.redis, &self.names, &s.to_ack)?;
+            if !self.standing.ack(&mut self.redis, &self.names, &s.to_ack)? {
+                log::warn!(entries = s.to_ack.len();
+                    "delivered, but the lease is another instance's now: left pending for it (it sends them again, under the same Idempotency-Key)");
+            }
             for id in s.to_ack.drain(..) {
                 if let Some(bytes) = s.lanes.forget(id) {
                     self.budget.give(bytes);

@@ -44,6 +44,8 @@ pub struct Raw {
     pub paheko_push_max_deliveries: Option<String>,
     pub paheko_push_dead_letter_statuses: Option<String>,
     pub paheko_push_give_up_after_parks: Option<String>,
+    pub paheko_push_lease_seconds: Option<String>,
+    pub paheko_push_forget_consumers_after_seconds: Option<String>,
     pub paheko_push_auth: Option<String>,
     pub paheko_plugin_ca_file: Option<String>,
     pub redis_ca_file: Option<String>,
@@ -266,6 +268,11 @@ pub struct Config {
     /// Rounds of MAX_RETRIES attempts a ticket may fail alone before it is
     /// dead-lettered as `failing_alone`; 0 = never (see [`crate::retry::GiveUp`]).
     pub give_up_after_parks: u32,
+    /// The lease that makes one instance per group the active one (see
+    /// [`crate::lease`]).
+    pub lease: Duration,
+    /// Consumers of the group with nothing pending, idle this long, are deleted.
+    pub forget_consumers_after: Duration,
     /// Extra roots for the plugin's certificate (`PAHEKO_PLUGIN_CA_FILE`).
     pub plugin_ca: Option<CaFile>,
     /// Extra roots for a `rediss://` server's certificate (`REDIS_CA_FILE`).
@@ -452,6 +459,24 @@ impl Config {
                 3,
                 0..=1_000_000,
             )?,
+            lease: at_least(
+                "PAHEKO_PUSH_LEASE_SECONDS",
+                seconds(
+                    "PAHEKO_PUSH_LEASE_SECONDS",
+                    raw.paheko_push_lease_seconds,
+                    15.0,
+                )?,
+                Duration::from_secs(1),
+            )?,
+            forget_consumers_after: at_least(
+                "PAHEKO_PUSH_FORGET_CONSUMERS_AFTER_SECONDS",
+                seconds(
+                    "PAHEKO_PUSH_FORGET_CONSUMERS_AFTER_SECONDS",
+                    raw.paheko_push_forget_consumers_after_seconds,
+                    86_400.0,
+                )?,
+                Duration::from_secs(1),
+            )?,
             plugin_ca,
             redis_ca,
         })
@@ -502,6 +527,20 @@ fn text(value: Option<String>, default: &str) -> String {
         Some(v) if !v.trim().is_empty() => v.trim().to_string(),
         _ => default.to_string(),
     }
+}
+
+fn at_least(var: &str, value: Duration, min: Duration) -> Result<Duration, ConfigError> {
+    if value < min {
+        return Err(err(
+            var,
+            format!(
+                "expected at least {} s, got {} s",
+                min.as_secs_f64(),
+                value.as_secs_f64()
+            ),
+        ));
+    }
+    Ok(value)
 }
 
 /// A comma list of 4xx statuses (408 and 429 excepted: those always mean "try again").

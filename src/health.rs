@@ -19,6 +19,7 @@ pub fn document(s: &Stats) -> (u16, serde_json::Value) {
     let last = s.last_success_at.load(Relaxed);
     let doc = json!({
         "status": status,
+        "role": if s.active.load(Relaxed) { "active" } else { "standby" },
         "redis": if s.redis_up() { "ok" } else { "error" },
         "push_worker": s.push_worker(),
         "last_success_at": if last == 0 { None } else { Some(last) },
@@ -30,6 +31,7 @@ pub fn document(s: &Stats) -> (u16, serde_json::Value) {
         "invalid": s.invalid.load(Relaxed),
         "parked": s.parked.load(Relaxed),
         "lost_to_trim": s.lost_to_trim.load(Relaxed),
+        "trimmed_records": s.trimmed_records.load(Relaxed),
         "paheko": s.paheko(),
         "paheko_down_since": if down_since == 0 { None } else { Some(down_since) },
         "paheko_refusing_status": if refusing == 0 { None } else { Some(refusing) },

@@ -12,12 +12,16 @@
 //! `{"free":true,"consumer":…}` for one TTL, so a standby knows nothing of the previous
 //! holder is in flight and takes over at once.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use redis::RedisError;
+use redis::{RedisError, Value};
 use serde::Deserialize;
 
+use crate::event::StreamId;
 use crate::store::{Names, Redis};
+
+/// How often a standby tries to take the lease (client-go's RetryPeriod), at most.
+pub const RETRY: Duration = Duration::from_secs(2);
 
 /// Takes the lease if it is free, expired, released, or held under this very consumer
 /// name (this worker's previous self, restarted by systemd: it is gone). Returns how
@@ -43,6 +47,60 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
+"#;
+
+/// Acknowledges entries only while the lease is ours: a holder that lost it leaves
+/// them pending for the new one (which may be sending them already).
+const ACK: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+return redis.call('XACK', KEYS[2], ARGV[2], unpack(ARGV, 3))
+"#;
+
+/// A new holder makes every pending entry of the group its own, in one step, so no
+/// moment shows two consumers holding entries: XCLAIM … JUSTID (which does not count
+/// as a delivery), 1,000 at a time in ID order. Entries gone from the stream (trimmed
+/// while pending) are not claimed but returned, to be reported and acknowledged.
+const TAKE_OVER: &str = r#"
+local moved, gone, start = 0, {}, '-'
+while true do
+  local rows = redis.call('XPENDING', KEYS[1], ARGV[1], start, '+', 1000)
+  if #rows == 0 then break end
+  local ids = {}
+  for _, row in ipairs(rows) do
+    if row[2] ~= ARGV[2] then
+      if #redis.call('XRANGE', KEYS[1], row[1], row[1]) == 0 then
+        table.insert(gone, row[1])
+      else
+        table.insert(ids, row[1])
+      end
+    end
+  end
+  if #ids > 0 then
+    local claim = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+    for _, id in ipairs(ids) do table.insert(claim, id) end
+    table.insert(claim, 'JUSTID')
+    redis.call(unpack(claim))
+    moved = moved + #ids
+  end
+  if #rows < 1000 then break end
+  start = '(' .. rows[#rows][1]
+end
+return {moved, gone}
+"#;
+
+/// Consumers other than this one with nothing pending, idle for longer than ARGV[2]
+/// milliseconds, are deleted.
+const FORGET_IDLE: &str = r#"
+local deleted = {}
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+  if info['name'] ~= ARGV[3] and info['pending'] == 0 and info['idle'] > tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    table.insert(deleted, info['name'])
+  end
+end
+return deleted
 "#;
 
 /// Marks the lease free when it is still ours.
@@ -186,6 +244,289 @@ impl Lease {
             .arg(self.ttl.as_millis() as u64);
         Ok(redis.query::<i64>(&cmd)? == 1)
     }
+}
+
+/// What the acker tells the reader: read (taking every pending entry of the group
+/// first), or read nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Active,
+    Standby,
+}
+
+/// A change of this instance's standing, for the acker to act on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// This instance holds the lease; it may send once `fence` has passed.
+    Took { how: Taken, fence: Duration },
+    /// It lost the lease or could not renew it in time: it stops sending at once.
+    SteppedDown { why: String },
+}
+
+/// Where this instance stands, as plain data the acker keeps with its timers.
+#[derive(Debug)]
+pub struct Standing {
+    lease: Lease,
+    request_timeout: Duration,
+    state: State,
+    /// The holder last logged while standing by, so it is said once.
+    seen_holder: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum State {
+    Standby {
+        next_try: Instant,
+    },
+    Active {
+        renewed: Instant,
+        next_renew: Instant,
+        fence_until: Instant,
+    },
+}
+
+impl Standing {
+    pub fn new(lease: Lease, request_timeout: Duration) -> Standing {
+        Standing {
+            lease,
+            request_timeout,
+            state: State::Standby {
+                next_try: Instant::now(),
+            },
+            seen_holder: None,
+        }
+    }
+
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    pub fn is_active(&self) -> bool {
+        matches!(self.state, State::Active { .. })
+    }
+
+    /// Whether requests may start now: active, past the fence, and renewed recently
+    /// enough that nobody else can hold the lease.
+    pub fn may_send(&self, now: Instant) -> bool {
+        match self.state {
+            State::Active {
+                renewed,
+                fence_until,
+                ..
+            } => now >= fence_until && now < renewed + self.lease.deadline(),
+            State::Standby { .. } => false,
+        }
+    }
+
+    /// The next moment [`Standing::step`] has something to do.
+    pub fn next_timer(&self, now: Instant) -> Instant {
+        match self.state {
+            State::Standby { next_try } => next_try,
+            State::Active {
+                renewed,
+                next_renew,
+                fence_until,
+            } => {
+                let deadline = renewed + self.lease.deadline();
+                let fence = Some(fence_until).filter(|t| *t > now);
+                [Some(next_renew), Some(deadline), fence]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .unwrap_or(next_renew)
+            }
+        }
+    }
+
+    /// Takes, renews or gives up the lease as its timers say.
+    pub fn step(&mut self, redis: &mut Redis, names: &Names, now: Instant) -> Option<Change> {
+        match self.state {
+            State::Standby { next_try } if now >= next_try => self.try_take(redis, names, now),
+            State::Active { renewed, .. } if now >= renewed + self.lease.deadline() => {
+                let why = format!(
+                    "no renewal of the lease for {} s",
+                    now.duration_since(renewed).as_secs()
+                );
+                Some(self.step_down(now, why))
+            }
+            State::Active {
+                renewed,
+                next_renew,
+                fence_until,
+            } if now >= next_renew => match self.lease.renew(redis) {
+                Ok(true) => {
+                    self.state = State::Active {
+                        renewed: now,
+                        next_renew: now + self.lease.renew_every(),
+                        fence_until,
+                    };
+                    None
+                }
+                Ok(false) => {
+                    Some(self.step_down(now, "the lease is held by another instance".into()))
+                }
+                Err(e) => {
+                    log::warn!(error = e.to_string().as_str();
+                        "could not renew the lease; trying again");
+                    self.state = State::Active {
+                        renewed,
+                        next_renew: now + Duration::from_secs(1),
+                        fence_until,
+                    };
+                    None
+                }
+            },
+            _ => None,
+        }
+    }
+
+    fn try_take(&mut self, redis: &mut Redis, names: &Names, now: Instant) -> Option<Change> {
+        let retry = RETRY.min(self.lease.renew_every());
+        let taken = match self.lease.try_take(redis) {
+            Ok(taken) => taken,
+            Err(e) => {
+                log::warn!(error = e.to_string().as_str(); "could not ask Redis for the lease");
+                self.state = State::Standby {
+                    next_try: now + retry,
+                };
+                return None;
+            }
+        };
+        let fence = match &taken {
+            Taken::Held { holder, ttl_left } => {
+                if self.seen_holder.as_deref() != Some(holder.consumer.as_str()) {
+                    log::info!(holder = holder.consumer.as_str(), ttl_left_ms = ttl_left.as_millis() as u64;
+                        "standing by: another instance holds the lease and delivers");
+                    self.seen_holder = Some(holder.consumer.clone());
+                }
+                self.state = State::Standby {
+                    next_try: now + retry.min(*ttl_left + Duration::from_millis(20)),
+                };
+                return None;
+            }
+            Taken::Clean { .. } => Duration::ZERO,
+            // Nobody held it: wait out a previous holder's requests, if it left any
+            // entry pending (an entry in flight is always pending).
+            Taken::Absent => match others_pending(redis, names) {
+                Ok(false) => Duration::ZERO,
+                Ok(true) | Err(_) => {
+                    fence(self.lease.ttl, self.lease.deadline(), self.request_timeout)
+                }
+            },
+        };
+        self.seen_holder = None;
+        self.state = State::Active {
+            renewed: now,
+            next_renew: now + self.lease.renew_every(),
+            fence_until: now + fence,
+        };
+        Some(Change::Took { how: taken, fence })
+    }
+
+    fn step_down(&mut self, now: Instant, why: String) -> Change {
+        self.state = State::Standby {
+            next_try: now + RETRY.min(self.lease.renew_every()),
+        };
+        Change::SteppedDown { why }
+    }
+
+    /// XACK of `ids`, only while the lease is ours. False when it is not: the entries
+    /// stay pending for the new holder.
+    pub fn ack(
+        &self,
+        redis: &mut Redis,
+        names: &Names,
+        ids: &[StreamId],
+    ) -> Result<bool, RedisError> {
+        if ids.is_empty() {
+            return Ok(true);
+        }
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(ACK)
+            .arg(2)
+            .arg(self.lease.key())
+            .arg(&names.stream)
+            .arg(self.lease.value())
+            .arg(&names.group);
+        for id in ids {
+            cmd.arg(id.to_string());
+        }
+        Ok(redis.query::<i64>(&cmd)? >= 0)
+    }
+
+    /// On a clean stop, once nothing is in flight: the lease is marked free, so a
+    /// standby takes over at once.
+    pub fn release(&mut self, redis: &mut Redis) {
+        if !self.is_active() {
+            return;
+        }
+        match self.lease.release(redis) {
+            Ok(true) => log::info!("lease released: a standby takes over at once"),
+            Ok(false) => {}
+            Err(e) => log::warn!(error = e.to_string().as_str();
+                "could not release the lease: a standby takes over once it expires"),
+        }
+        self.state = State::Standby {
+            next_try: Instant::now() + RETRY,
+        };
+    }
+}
+
+/// Makes every pending entry of the group this consumer's (see [`TAKE_OVER`]): returns
+/// how many were moved, and the IDs of those gone from the stream.
+pub fn take_over(redis: &mut Redis, names: &Names) -> Result<(u64, Vec<StreamId>), RedisError> {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(TAKE_OVER)
+        .arg(1)
+        .arg(&names.stream)
+        .arg(&names.group)
+        .arg(&names.consumer);
+    let (moved, gone): (u64, Vec<String>) = redis.query(&cmd)?;
+    Ok((
+        moved,
+        gone.iter().filter_map(|id| id.parse().ok()).collect(),
+    ))
+}
+
+/// Deletes the group's consumers (other than this one) that hold nothing and were
+/// idle longer than `idle`: renamed containers do not pile up. Returns their names.
+pub fn forget_idle_consumers(
+    redis: &mut Redis,
+    names: &Names,
+    idle: Duration,
+) -> Result<Vec<String>, RedisError> {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(FORGET_IDLE)
+        .arg(1)
+        .arg(&names.stream)
+        .arg(&names.group)
+        .arg(idle.as_millis() as u64)
+        .arg(&names.consumer);
+    redis.query(&cmd)
+}
+
+/// Whether consumers other than this one hold pending entries in the group.
+fn others_pending(redis: &mut Redis, names: &Names) -> Result<bool, RedisError> {
+    let mut cmd = redis::cmd("XPENDING");
+    cmd.arg(&names.stream).arg(&names.group);
+    let summary: Value = match redis.query(&cmd) {
+        Ok(v) => v,
+        Err(e) if crate::store::is_no_group(&e) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let Value::Array(parts) = summary else {
+        return Ok(false);
+    };
+    let Some(Value::Array(consumers)) = parts.get(3) else {
+        return Ok(false);
+    };
+    Ok(consumers.iter().any(|c| match c {
+        Value::Array(pair) => match pair.first() {
+            Some(Value::BulkString(name)) => name.as_slice() != names.consumer.as_bytes(),
+            _ => true,
+        },
+        _ => true,
+    }))
 }
 
 /// How long a new holder that found the lease absent waits before its first request,

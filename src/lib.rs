@@ -159,6 +159,7 @@ pub fn run(config: Config) -> Result<(), Error> {
             ));
             let liveness = watched_threads(&config);
             let budget = Arc::new(budget::Budget::default());
+            let (roles_tx, roles_rx) = crossbeam_channel::unbounded();
             notify::watch_threads(Arc::clone(&liveness));
             let mut threads = Vec::new();
             for n in 0..config.concurrency {
@@ -183,6 +184,11 @@ pub fn run(config: Config) -> Result<(), Error> {
                 shutdown: shutdown.clone(),
                 beat: liveness.beat(0),
                 budget: Arc::clone(&budget),
+                standing: lease::Standing::new(
+                    lease::Lease::new(&names, config.lease),
+                    config.timeout,
+                ),
+                roles: roles_tx,
             };
             threads.push(spawn("acker", move || {
                 acker.run(batches_rx, done_rx, work_tx)
@@ -195,6 +201,8 @@ pub fn run(config: Config) -> Result<(), Error> {
                 stats: Arc::clone(&stats),
                 shutdown: shutdown.clone(),
                 budget,
+                roles: roles_rx,
+                forget_consumers_after: config.forget_consumers_after,
             };
             let reader = spawn("reader", move || reader.run(batches_tx))?;
             for t in threads {

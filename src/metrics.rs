@@ -124,6 +124,11 @@ pub fn render(stats: &Stats) -> String {
             u64::from(stats.redis_up()),
         ),
         (
+            "active",
+            "1 while this instance holds the lease and delivers, 0 for a standby.",
+            u64::from(stats.active.load(Relaxed)),
+        ),
+        (
             "healthy",
             "1 while /health's status is ok.",
             u64::from(stats.status() == "ok"),

@@ -110,6 +110,15 @@ impl Lanes {
         due
     }
 
+    /// Forgets everything held (this instance stepped down): returns the sizes of the
+    /// entries it held.
+    pub fn clear(&mut self) -> Vec<usize> {
+        let sizes = self.held.drain().map(|(_, bytes)| bytes).collect();
+        self.lanes.clear();
+        self.parked.clear();
+        sizes
+    }
+
     /// Every parked event, oldest entry first: the plugin takes tickets again, so the
     /// backoff that an outage built up is not waited out.
     pub fn unpark_all(&mut self) -> Vec<Event> {

@@ -19,12 +19,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{SendTimeoutError, Sender};
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender, select};
 use redis::RedisError;
 
 use crate::Error;
 use crate::budget::{self, Budget};
 use crate::event::{Entry, Event, Incoming, StreamId};
+use crate::lease::{self, Role};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::store::{self, Cursor, Names, Redis, Support};
@@ -56,7 +57,15 @@ pub struct Reader {
     pub shutdown: Shutdown,
     /// What may still be read: the acker gives back what it settled.
     pub budget: Arc<Budget>,
+    /// From the acker: whether this instance holds the lease (issue 9). A standby reads
+    /// nothing; a new holder first takes every pending entry of the group over.
+    pub roles: Receiver<Role>,
+    /// Consumers of the group holding nothing, idle this long, are deleted.
+    pub forget_consumers_after: Duration,
 }
+
+/// How often the active instance looks for consumers to forget.
+const FORGET_EVERY: Duration = Duration::from_secs(600);
 
 /// What the reader learnt of the server since it last connected.
 #[derive(Default)]
@@ -83,8 +92,33 @@ impl Reader {
         let mut group_ready = false;
         let mut failures = 0u32;
         let mut housekeeping_at = Instant::now();
+        let mut active = false;
+        // Set on taking the lease: every pending entry of the group is made ours
+        // before anything else is read.
+        let mut take_over = false;
+        let mut forget_at = Instant::now();
         while !self.shutdown.is_stopping() {
             crate::notify::watchdog();
+            let mut role = self.roles.try_iter().last();
+            if role.is_none() && group_ready && !active {
+                // A standby reads nothing: it waits for the lease, keeping /health's
+                // view of the queue current.
+                if Instant::now() >= housekeeping_at {
+                    housekeeping_at = Instant::now() + HOUSEKEEPING_EVERY;
+                    self.refresh_stats();
+                }
+                role = self.wait_for_role();
+                if role.is_none() {
+                    continue;
+                }
+            }
+            if let Some(role) = role {
+                active = role == Role::Active;
+                take_over = active;
+                server.caught_up_at = None;
+                cursor = Cursor::Pending(StreamId::default());
+                continue;
+            }
             let result = if !group_ready {
                 self.prepare(&mut server).map(|()| {
                     group_ready = true;
@@ -93,6 +127,13 @@ impl Reader {
                     }
                     Vec::new()
                 })
+            } else if take_over {
+                take_over = false;
+                forget_at = Instant::now() + FORGET_EVERY;
+                self.take_over()
+            } else if Instant::now() >= forget_at {
+                forget_at = Instant::now() + FORGET_EVERY;
+                self.forget_idle_consumers().map(|()| Vec::new())
             } else if self.budget.room(COUNT) == 0 {
                 // Everything the worker may hold is held (Paheko down, or slow): the
                 // rest waits in Redis. /health must go on showing the queue grow.
@@ -158,6 +199,46 @@ impl Reader {
         Ok(())
     }
 
+    /// The acker's next word on the lease, if it comes before the stop or the
+    /// watchdog's tick.
+    fn wait_for_role(&self) -> Option<Role> {
+        select! {
+            recv(self.roles) -> role => role.ok(),
+            recv(self.shutdown.signal()) -> _ => None,
+            default(WATCHDOG_TICK) => None,
+        }
+    }
+
+    /// This instance just took the lease: every entry pending in the group, whoever
+    /// read it, becomes ours in one step (nobody else is working on any of them now),
+    /// then the pending list is re-read from the start, in stream order, before any new
+    /// entry. Entries gone from the stream meanwhile are reported.
+    fn take_over(&mut self) -> Result<Vec<Incoming>, RedisError> {
+        let (moved, gone) = lease::take_over(&mut self.redis, &self.names)?;
+        if moved > 0 || !gone.is_empty() {
+            log::warn!(entries = moved, vanished = gone.len();
+                "taking over every entry other consumers left pending, before reading anything new");
+        }
+        self.forget_idle_consumers()?;
+        Ok(gone.into_iter().map(Incoming::Vanished).collect())
+    }
+
+    /// Deletes consumers of the group that hold nothing and were idle for long (renamed
+    /// containers), so they do not pile up.
+    fn forget_idle_consumers(&mut self) -> Result<(), RedisError> {
+        let deleted = lease::forget_idle_consumers(
+            &mut self.redis,
+            &self.names,
+            self.forget_consumers_after,
+        )?;
+        if !deleted.is_empty() {
+            log::info!(consumers = deleted.join(",").as_str(),
+                idle_s = self.forget_consumers_after.as_secs();
+                "deleted consumers of the group idle with nothing pending");
+        }
+        Ok(())
+    }
+
     /// After (re)connecting: what the server supports, said once when it is less than
     /// everything; then the group, created if missing.
     fn prepare(&mut self, server: &mut Server) -> Result<(), RedisError> {
@@ -212,6 +293,10 @@ impl Reader {
                         return Ok(Vec::new());
                     }
                     server.caught_up_at = None;
+                }
+                // Stepped down while waiting: read nothing more.
+                if !self.roles.is_empty() {
+                    return Ok(Vec::new());
                 }
                 let new = store::read_new(&mut self.redis, &self.names, count)?;
                 if let Some(t) = new.trimmed {

@@ -11,6 +11,8 @@ pub const FAILURES_BEFORE_ERROR: u64 = 3;
 #[derive(Debug, Default)]
 pub struct Stats {
     pub configured: AtomicBool,
+    /// This instance holds the lease and delivers; false for a standby.
+    pub active: AtomicBool,
     /// The reader's connection answered its last command.
     pub redis_ok: AtomicBool,
     /// The acker's last acknowledgement or dead letter failed, and is waiting to be
@@ -109,6 +111,7 @@ impl Stats {
             "error"
         } else if self.push_worker() != "ok"
             || self.lost_to_trim.load(Relaxed) > 0
+            || self.trimmed_records.load(Relaxed) > 0
             || self.paheko_down_since.load(Relaxed) != 0
             || self.backlog_warning()
         {

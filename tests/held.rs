@@ -61,7 +61,7 @@ fn reclaims_and_new_reads_together_stay_within_max_held() {
         ],
     ));
     worker.wait_for_msg(
-        "taking over entries another consumer left pending (a stopped or dead instance?)",
+        "taking over every entry other consumers left pending, before reading anything new",
         Duration::from_secs(30),
     );
     let (held, _) = largest_held(&worker, Duration::from_secs(3));

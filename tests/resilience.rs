@@ -68,19 +68,20 @@ fn a_dead_consumers_entries_are_taken_over_in_order() {
         ],
     );
     let worker = Worker::spawn(env);
+    // With the lease, every entry another consumer left pending is taken over at once
+    // (issue 9), before anything else is read.
     let took = worker.wait_for_msg(
-        "taking over entries another consumer left pending (a stopped or dead instance?)",
+        "taking over every entry other consumers left pending, before reading anything new",
         T,
     );
     assert_eq!(took["entries"], 2);
-    assert_eq!(took["first"], ids[1].as_str());
     down.store(false, Ordering::SeqCst);
     wait_until("all delivered", T, || {
         pending_count(&mut conn, STREAM, GROUP) == 0
     });
     // k1 and k2 came back after k3 was read, yet went out before it.
     assert_eq!(
-        accepted_order(&sink, |r| !(sale_of(r) == "k0" && r.attempt <= 2)),
+        accepted_order(&sink, Received::accepted),
         ["k0", "k1", "k2", "k3"]
     );
 }
@@ -267,71 +268,36 @@ fn a_destroyed_group_is_recreated_and_delivery_goes_on() {
     });
 }
 
+/// XAUTOCLAIM by idle time still guards against entries that appear under another
+/// consumer while this instance is active: read by a tool, or by an older worker that
+/// knows nothing of the lease. They are taken over after CLAIM_IDLE, in order.
 #[test]
-fn two_instances_share_the_load_without_duplicates_and_cover_for_each_other() {
+fn entries_a_tool_left_pending_meanwhile_are_taken_over_after_claim_idle() {
     let redis = RedisServer::start();
-    let sink = Sink::start(|r| {
-        let slow = if sale_of(r).starts_with("late") {
-            200
-        } else {
-            10
-        };
-        Reply::status(204).after(Duration::from_millis(slow))
-    });
+    let sink = Sink::ok();
     let mut conn = redis.conn();
-    let env = |name: &str| {
-        env_with(
-            base_env(&redis, &sink),
-            [
-                ("PAHEKO_PUSH_CONSUMER", name),
-                ("PAHEKO_PUSH_LOG", "info"),
-                ("PAHEKO_PUSH_CLAIM_IDLE_SECONDS", "3"),
-            ],
-        )
-    };
-    let mut first = Worker::spawn(env("instance-a"));
-    let second = Worker::spawn(env("instance-b"));
-    let ids: Vec<String> = (0..200)
-        .map(|n| publish_ticket(&mut conn, &format!("cs-{}", n % 20), &format!("s-{n}")))
+    let worker = Worker::spawn(env_with(
+        base_env(&redis, &sink),
+        [
+            ("PAHEKO_PUSH_CLAIM_IDLE_SECONDS", "3"),
+            ("PAHEKO_PUSH_LOG", "info"),
+        ],
+    ));
+    wait_until("active", T, || worker.health().1["role"] == "active");
+    // An old Python worker, still running somewhere, grabs two tickets and dies.
+    let ids: Vec<String> = (0..2)
+        .map(|n| publish_ticket(&mut conn, "cs-1", &format!("grabbed-{n}")))
         .collect();
-    wait_until("all delivered", T, || {
-        pending_count(&mut conn, STREAM, GROUP) == 0 && sink.count() >= 200
-    });
-    let keys: Vec<String> = sink.keys().into_iter().collect();
-    assert_eq!(keys.len(), 200, "no duplicates in normal operation");
-    let consumers = format!(
-        "{:?}",
-        cmd(&mut conn, &["XINFO", "CONSUMERS", STREAM, GROUP])
-    );
-    assert!(consumers.contains("instance-a") && consumers.contains("instance-b"));
-
-    // One dies holding entries: the other delivers them after the claim idle time.
-    let more: Vec<String> = (0..40)
-        .map(|n| {
-            publish_ticket(
-                &mut conn,
-                &format!("cs-late-{}", n % 8),
-                &format!("late-{n}"),
-            )
-        })
-        .collect();
-    wait_until("the late tickets under way", T, || sink.count() >= 205);
-    first.kill9();
-    let took = second.wait_for_msg(
+    read_as(&mut conn, "python-worker");
+    let took = worker.wait_for_msg(
         "taking over entries another consumer left pending (a stopped or dead instance?)",
-        T,
+        Duration::from_secs(20),
     );
-    assert!(took["entries"].as_u64().unwrap() >= 1);
-    wait_until("instance-b delivered instance-a's entries", T, || {
-        pending_count(&mut conn, STREAM, GROUP) == 0
+    assert_eq!(took["entries"], 2);
+    wait_until("delivered", T, || {
+        pending_count(&mut conn, STREAM, GROUP) == 0 && sink.accepted().len() == 2
     });
-    let delivered: HashSet<String> = sink.keys().into_iter().collect();
-    let missing: Vec<&String> = ids
-        .iter()
-        .chain(&more)
-        .filter(|id| !delivered.contains(*id))
-        .collect();
-    assert!(missing.is_empty(), "never delivered: {missing:?}");
+    assert_eq!(sink.accepted_keys(), ids, "in stream order");
 }
 
 #[test]

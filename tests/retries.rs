@@ -3,43 +3,18 @@
 //! dead-letters nothing, and a ticket failing alone is given up so its session goes on.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::util::*;
 
 const T: Duration = Duration::from_secs(20);
 
-/// What the sink accepted, as (Idempotency-Key, attempt): recorded by the responder
-/// when it decides to answer 2xx.
-#[derive(Clone, Default)]
-pub struct Accepted(Arc<Mutex<HashSet<(String, u32)>>>);
-
-impl Accepted {
-    /// Returns `reply`, remembering the request as accepted when it is a 2xx.
-    pub fn note(&self, r: &Received, reply: Reply) -> Reply {
-        if (200..300).contains(&reply.status) && !reply.drop_connection {
-            let key = r.idempotency_key().unwrap_or_default().to_owned();
-            self.0.lock().unwrap().insert((key, r.attempt));
-        }
-        reply
-    }
-
-    pub fn contains(&self, r: &Received) -> bool {
-        let key = r.idempotency_key().unwrap_or_default().to_owned();
-        self.0.lock().unwrap().contains(&(key, r.attempt))
-    }
-}
-
 /// Replays the sink's log in arrival order: every request for a ticket must come after
-/// the accepted attempt of the ticket before it in its session. `tickets` lists each
-/// session's tickets (sale IDs) in stream order.
-pub fn assert_sessions_in_order(
-    received: &[Received],
-    tickets: &[Vec<String>],
-    accepted: impl Fn(&Received) -> bool,
-) {
+/// the accepted attempt (the sink wrote its 2xx whole) of the ticket before it in its
+/// session. `tickets` lists each session's tickets (sale IDs) in stream order.
+pub fn assert_sessions_in_order(received: &[Received], tickets: &[Vec<String>]) {
     let mut done: HashSet<String> = HashSet::new();
     for r in received {
         let sale = sale_of(r);
@@ -54,7 +29,7 @@ pub fn assert_sessions_in_order(
                 "{sale} was sent before {before} was accepted"
             );
         }
-        if accepted(r) {
+        if r.accepted() {
             done.insert(sale);
         }
     }
@@ -224,15 +199,14 @@ fn a_stop_with_a_retry_falling_due_is_quiet() {
 }
 
 /// The sink answers `status` to everything while `refusing` is set, 204 after.
-fn refusing_sink(refusing: &Arc<AtomicBool>, status: u16, accepted: &Accepted) -> Sink {
-    let (flag, accepted) = (Arc::clone(refusing), accepted.clone());
-    Sink::start(move |r| {
-        let reply = if flag.load(Ordering::SeqCst) {
+fn refusing_sink(refusing: &Arc<AtomicBool>, status: u16) -> Sink {
+    let flag = Arc::clone(refusing);
+    Sink::start(move |_| {
+        if flag.load(Ordering::SeqCst) {
             Reply::status(status).with_body(format!("{{\"error\":\"{status}\"}}"))
         } else {
             Reply::status(204)
-        };
-        accepted.note(r, reply)
+        }
     })
 }
 
@@ -256,8 +230,7 @@ fn publish_sessions(
 fn a_rotated_secret_dead_letters_nothing_and_everything_drains_once_it_matches() {
     let redis = RedisServer::start();
     let refusing = Arc::new(AtomicBool::new(true));
-    let accepted = Accepted::default();
-    let sink = refusing_sink(&refusing, 401, &accepted);
+    let sink = refusing_sink(&refusing, 401);
     let mut conn = redis.conn();
     let tickets = publish_sessions(&mut conn, 4, 10);
     let env = env_with(
@@ -331,7 +304,7 @@ fn a_rotated_secret_dead_letters_nothing_and_everything_drains_once_it_matches()
         pending_count(&mut conn, STREAM, GROUP) == 0
     });
     assert_eq!(xlen(&mut conn, DEAD), 0, "nothing dead-lettered");
-    assert_sessions_in_order(&sink.received(), &tickets, |r| accepted.contains(r));
+    assert_sessions_in_order(&sink.wait_settled(T), &tickets);
     let h = worker.health().1;
     assert_eq!(
         (h["status"].as_str(), h["paheko"].as_str()),
@@ -343,7 +316,7 @@ fn a_rotated_secret_dead_letters_nothing_and_everything_drains_once_it_matches()
 fn a_wrong_url_says_so_and_keeps_the_tickets() {
     let redis = RedisServer::start();
     let refusing = Arc::new(AtomicBool::new(true));
-    let sink = refusing_sink(&refusing, 404, &Accepted::default());
+    let sink = refusing_sink(&refusing, 404);
     let mut conn = redis.conn();
     publish_sessions(&mut conn, 2, 3);
     let worker = Worker::spawn(base_env(&redis, &sink));
@@ -418,14 +391,9 @@ fn three_refused_tickets_do_not_make_health_degraded() {
 #[test]
 fn a_ticket_failing_alone_is_given_up_and_its_session_goes_on() {
     let redis = RedisServer::start();
-    let accepted = Accepted::default();
-    let noted = accepted.clone();
-    let sink = Sink::start(move |r| {
-        let reply = match sale_of(r).as_str() {
-            "poison" => Reply::status(500).with_body("Fatal error: Uncaught TypeError in sync.php"),
-            _ => Reply::status(204),
-        };
-        noted.note(r, reply)
+    let sink = Sink::start(move |r| match sale_of(r).as_str() {
+        "poison" => Reply::status(500).with_body("Fatal error: Uncaught TypeError in sync.php"),
+        _ => Reply::status(204),
     });
     let mut conn = redis.conn();
     let session = ["a0", "poison", "a2", "a3"];
@@ -485,7 +453,7 @@ fn a_ticket_failing_alone_is_given_up_and_its_session_goes_on() {
         .filter(|s| **s != "poison")
         .map(|s| s.to_string())
         .collect();
-    assert_sessions_in_order(&sink.received(), &[a_session], |r| accepted.contains(r));
+    assert_sessions_in_order(&sink.wait_settled(T), &[a_session]);
 }
 
 #[test]

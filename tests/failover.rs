@@ -1,0 +1,454 @@
+//! One active instance per group, standbys that take over, and per-session order
+//! across failover and renamed consumers (issue 9). Two real workers share a private
+//! Redis and a recording plugin.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::retries::assert_sessions_in_order;
+use super::util::*;
+
+const T: Duration = Duration::from_secs(30);
+
+/// A worker named `name`, with a short lease (3 s: renewed every second, stepped down
+/// after 2 s without a renewal) and request timeout (1 s) so takeovers are quick.
+fn instance(redis: &RedisServer, sink: &Sink, name: &str, extra: &[(&str, &str)]) -> Worker {
+    let mut env = env_with(
+        base_env(redis, sink),
+        [
+            ("PAHEKO_PUSH_CONSUMER", name),
+            ("PAHEKO_PUSH_LEASE_SECONDS", "3"),
+            ("PAHEKO_PUSH_TIMEOUT_SECONDS", "1"),
+            ("PAHEKO_PUSH_CLAIM_IDLE_SECONDS", "5"),
+            ("PAHEKO_PUSH_LOG", "info"),
+        ],
+    );
+    env = env_with(env, extra.iter().copied());
+    Worker::spawn(env)
+}
+
+fn role(worker: &Worker) -> String {
+    worker
+        .try_get("/health")
+        .ok()
+        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+        .and_then(|h| h["role"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// Consumers holding pending entries now, from XPENDING's summary.
+fn holders(conn: &mut redis::Connection) -> Vec<String> {
+    let summary: redis::Value = redis::cmd("XPENDING")
+        .arg(STREAM)
+        .arg(GROUP)
+        .query(conn)
+        .unwrap_or(redis::Value::Nil);
+    let redis::Value::Array(parts) = summary else {
+        return Vec::new();
+    };
+    match parts.get(3) {
+        Some(redis::Value::Array(consumers)) => consumers
+            .iter()
+            .filter_map(|c| match c {
+                redis::Value::Array(pair) => match pair.first() {
+                    Some(redis::Value::BulkString(name)) => {
+                        Some(String::from_utf8_lossy(name).into_owned())
+                    }
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Samples who holds pending entries every 20 ms until stopped; returns the samples
+/// where more than one consumer did.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<(usize, Vec<Vec<String>>)>,
+}
+
+impl Sampler {
+    fn start(redis: &RedisServer) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, mut conn) = (Arc::clone(&stop), redis.conn());
+        let thread = thread::spawn(move || {
+            let (mut samples, mut both) = (0, Vec::new());
+            while !flag.load(Ordering::SeqCst) {
+                let h = holders(&mut conn);
+                samples += 1;
+                if h.len() > 1 {
+                    both.push(h);
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            (samples, both)
+        });
+        Sampler { stop, thread }
+    }
+
+    fn finish(self) -> (usize, Vec<Vec<String>>) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap()
+    }
+}
+
+/// `sessions` sessions of `each` tickets, published round-robin; the sale IDs per
+/// session in stream order.
+fn publish(conn: &mut redis::Connection, sessions: usize, each: usize) -> Vec<Vec<String>> {
+    let mut tickets = vec![Vec::new(); sessions];
+    for n in 0..each {
+        for (s, list) in tickets.iter_mut().enumerate() {
+            let sale = format!("s{s}-{n:03}");
+            publish_ticket(conn, &format!("cs-{s}"), &sale);
+            list.push(sale);
+        }
+    }
+    tickets
+}
+
+/// For every session, the first accepted delivery of each ticket is in stream order.
+/// Returns how many tickets were accepted more than once.
+fn first_acceptances_in_order(received: &[Received], tickets: &[Vec<String>]) -> usize {
+    let mut first: HashMap<String, usize> = HashMap::new();
+    let mut times: HashMap<String, usize> = HashMap::new();
+    for (at, r) in received.iter().enumerate().filter(|(_, r)| r.accepted()) {
+        let sale = sale_of(r);
+        first.entry(sale.clone()).or_insert(at);
+        *times.entry(sale).or_default() += 1;
+    }
+    for session in tickets {
+        let order: Vec<usize> = session
+            .iter()
+            .map(|s| *first.get(s).unwrap_or_else(|| panic!("{s} never accepted")))
+            .collect();
+        assert!(
+            order.windows(2).all(|w| w[0] < w[1]),
+            "first acceptances out of stream order in {session:?}: {order:?}"
+        );
+    }
+    times.values().filter(|n| **n > 1).count()
+}
+
+#[test]
+fn one_instance_delivers_and_the_standby_takes_over_after_a_kill() {
+    let redis = RedisServer::start();
+    let sink = Sink::start(|_| Reply::status(204).after(Duration::from_millis(25)));
+    let mut conn = redis.conn();
+    let mut tickets = publish(&mut conn, 6, 10);
+    let sampler = Sampler::start(&redis);
+    let mut a = instance(&redis, &sink, "box-a", &[]);
+    wait_until("box-a active", T, || role(&a) == "active");
+    let b = instance(&redis, &sink, "box-b", &[]);
+    wait_until("box-b standing by", T, || role(&b) == "standby");
+    // The shop goes on selling: new entries a standby would read if it read anything.
+    let producer = {
+        let mut conn = redis.conn();
+        thread::spawn(move || {
+            for n in 10..25 {
+                for s in 0..6 {
+                    publish_ticket(&mut conn, &format!("cs-{s}"), &format!("s{s}-{n:03}"));
+                    thread::sleep(Duration::from_millis(5));
+                }
+            }
+        })
+    };
+    for (s, list) in tickets.iter_mut().enumerate() {
+        list.extend((10..25).map(|n| format!("s{s}-{n:03}")));
+    }
+    let (_, metrics) = b.get("/metrics");
+    assert!(metrics.contains("\npaheko_push_active 0\n"), "{metrics}");
+    let (_, metrics) = a.get("/metrics");
+    assert!(metrics.contains("\npaheko_push_active 1\n"), "{metrics}");
+    assert_eq!(b.health().1["status"], "ok", "a standby is healthy");
+
+    sink.wait_for_accepted(50, T);
+    assert_eq!(holders(&mut conn), ["box-a"], "the standby holds nothing");
+    a.kill9();
+    let killed = Instant::now();
+    producer.join().unwrap();
+    wait_until("box-b active", T, || role(&b) == "active");
+    let took_over = killed.elapsed();
+    wait_until("everything delivered", T, || {
+        pending_count(&mut conn, STREAM, GROUP) == 0 && xlen(&mut conn, STREAM) > 0
+    });
+    let (samples, both) = sampler.finish();
+    let received = sink.wait_settled(T);
+    let duplicates = first_acceptances_in_order(&received, &tickets);
+    eprintln!(
+        "failover: 150 tickets, box-b active {took_over:?} after the kill, {duplicates} duplicates, {samples} samples"
+    );
+    assert!(
+        both.is_empty(),
+        "two consumers held entries at once: {both:?}"
+    );
+    assert!(samples > 50);
+    let accepted: HashSet<String> = received
+        .iter()
+        .filter(|r| r.accepted())
+        .map(sale_of)
+        .collect();
+    assert_eq!(accepted.len(), 150, "0 lost");
+    // Lease 3 s: the key expires within 3 s of the last renewal; the fence is
+    // 2 s + 1 s - 3 s = 0; a standby looks every second.
+    assert!(took_over < Duration::from_secs(6), "{took_over:?}");
+}
+
+#[test]
+fn a_clean_stop_hands_over_within_a_renewal_interval_and_sends_nothing_twice() {
+    let redis = RedisServer::start();
+    let sink = Sink::start(|_| Reply::status(204).after(Duration::from_millis(20)));
+    let mut conn = redis.conn();
+    let tickets = publish(&mut conn, 4, 25);
+    let mut a = instance(&redis, &sink, "box-a", &[]);
+    wait_until("box-a active", T, || role(&a) == "active");
+    let b = instance(&redis, &sink, "box-b", &[]);
+    wait_until("box-b standing by", T, || role(&b) == "standby");
+    sink.wait_for_accepted(20, T);
+    a.sigterm();
+    assert_eq!(a.wait_exit(T).code(), Some(0));
+    let stopped = Instant::now();
+    wait_until("box-b active", T, || role(&b) == "active");
+    let took_over = stopped.elapsed();
+    wait_until("everything delivered", T, || {
+        pending_count(&mut conn, STREAM, GROUP) == 0
+    });
+    let received = sink.wait_settled(T);
+    assert_eq!(first_acceptances_in_order(&received, &tickets), 0);
+    let keys = sink.keys();
+    let distinct: HashSet<&String> = keys.iter().collect();
+    assert_eq!(keys.len(), distinct.len(), "nothing sent twice");
+    assert_eq!(distinct.len(), 100);
+    // Released, not expired: one standby look (a second here) and the request of the
+    // health probe.
+    assert!(took_over < Duration::from_millis(2500), "{took_over:?}");
+}
+
+#[test]
+fn redis_gone_longer_than_the_lease_stops_the_sending_and_nothing_is_lost() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let sink = Sink::start(|_| Reply::status(204).after(Duration::from_millis(40)));
+    let mut conn = redis.conn();
+    let tickets = publish(&mut conn, 4, 40);
+    drop(conn);
+    let a = instance(&redis, &sink, "box-a", &[]);
+    wait_until("box-a active", T, || role(&a) == "active");
+    let b = instance(&redis, &sink, "box-b", &[]);
+    wait_until("box-b standing by", T, || role(&b) == "standby");
+    sink.wait_for_accepted(20, T);
+    redis.stop();
+    let stopped = Instant::now();
+    a.wait_for_log("box-a stepped down", T, |l| {
+        l["msg"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("stepping down"))
+    });
+    // Stepped down at most 2 s after its last renewal; its last requests (1 s timeout)
+    // are over a little later: after that, nothing reaches the plugin while Redis is
+    // away.
+    thread::sleep(Duration::from_millis(3500).saturating_sub(stopped.elapsed()));
+    let quiet_from = Instant::now();
+    thread::sleep(Duration::from_millis(2000));
+    let during = sink.received().iter().filter(|r| r.at > quiet_from).count();
+    assert_eq!(during, 0, "requests sent without the lease");
+    redis.restart();
+    let mut conn = redis.conn();
+    wait_until("one instance active again", T, || {
+        let roles = [role(&a), role(&b)];
+        roles.iter().filter(|r| *r == "active").count() == 1
+            && roles.iter().filter(|r| *r == "standby").count() == 1
+    });
+    wait_until("everything delivered", T, || {
+        pending_count(&mut conn, STREAM, GROUP) == 0
+    });
+    let received = sink.wait_settled(T);
+    let duplicates = first_acceptances_in_order(&received, &tickets);
+    eprintln!("redis outage: {duplicates} duplicates");
+}
+
+#[test]
+fn a_renamed_consumer_delivers_the_old_names_entries_first() {
+    let redis = RedisServer::start();
+    let down = Arc::new(AtomicBool::new(true));
+    let sink = Sink::down_while(&down);
+    let mut conn = redis.conn();
+    let before = publish(&mut conn, 3, 5);
+    // The container's first life: it reads everything, the plugin is down, it stops.
+    let mut old = instance(&redis, &sink, "container-1f2e", &[]);
+    wait_until("the old name holds the tickets", T, || {
+        pending_count(&mut conn, STREAM, GROUP) == 15
+    });
+    old.sigterm();
+    assert_eq!(old.wait_exit(T).code(), Some(0));
+    assert_eq!(holders(&mut conn), ["container-1f2e"]);
+    let mut after = Vec::new();
+    for s in 0..3 {
+        let sale = format!("s{s}-later");
+        publish_ticket(&mut conn, &format!("cs-{s}"), &sale);
+        after.push(sale);
+    }
+    // Re-created under a new name, with the plugin back.
+    down.store(false, Ordering::SeqCst);
+    let started = Instant::now();
+    let _new = instance(&redis, &sink, "container-9a7c", &[]);
+    wait_until("everything delivered", T, || {
+        pending_count(&mut conn, STREAM, GROUP) == 0 && sink.accepted().len() == 18
+    });
+    let took = started.elapsed();
+    let mut tickets = before.clone();
+    for (s, later) in after.into_iter().enumerate() {
+        tickets[s].push(later);
+    }
+    assert_sessions_in_order(&sink.wait_settled(T), &tickets);
+    assert!(took < Duration::from_secs(5), "{took:?}, not CLAIM_IDLE");
+}
+
+#[test]
+fn a_restart_under_the_same_name_takes_the_lease_back_at_once() {
+    let redis = RedisServer::start();
+    let sink = Sink::ok();
+    let mut conn = redis.conn();
+    publish(&mut conn, 2, 3);
+    // A long lease: waiting for it to expire would take 60 s.
+    let long = [("PAHEKO_PUSH_LEASE_SECONDS", "60")];
+    let mut first = instance(&redis, &sink, "box-a", &long);
+    wait_until("active", T, || role(&first) == "active");
+    first.kill9();
+    publish(&mut conn, 2, 3);
+    let started = Instant::now();
+    let again = instance(&redis, &sink, "box-a", &long);
+    wait_until("active again", T, || role(&again) == "active");
+    wait_until("everything delivered", T, || {
+        pending_count(&mut conn, STREAM, GROUP) == 0 && sink.accepted().len() >= 12
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn idle_consumers_with_nothing_pending_are_deleted() {
+    let redis = RedisServer::start();
+    let sink = Sink::ok();
+    let mut conn = redis.conn();
+    publish_ticket(&mut conn, "cs-1", "sale-1");
+    read_as(&mut conn, "renamed-long-ago");
+    let _: () = redis::cmd("XACK")
+        .arg(STREAM)
+        .arg(GROUP)
+        .arg(stream_entries(&mut conn, STREAM)[0].0.as_str())
+        .query(&mut conn)
+        .unwrap();
+    let consumers = |conn: &mut redis::Connection| -> Vec<String> {
+        let rows: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(STREAM)
+            .arg(GROUP)
+            .query(conn)
+            .unwrap();
+        rows.iter()
+            .map(|r| match &r["name"] {
+                redis::Value::BulkString(n) => String::from_utf8_lossy(n).into_owned(),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    };
+    assert_eq!(consumers(&mut conn), ["renamed-long-ago"]);
+    thread::sleep(Duration::from_millis(1200));
+    let worker = instance(
+        &redis,
+        &sink,
+        "box-a",
+        &[("PAHEKO_PUSH_FORGET_CONSUMERS_AFTER_SECONDS", "1")],
+    );
+    wait_until("the idle consumer deleted", T, || {
+        consumers(&mut conn) == ["box-a"]
+    });
+    let line = worker.wait_for_msg(
+        "deleted consumers of the group idle with nothing pending",
+        T,
+    );
+    assert_eq!(line["consumers"], "renamed-long-ago");
+}
+
+#[test]
+fn chaos_two_instances_kill_whichever_is_active() {
+    let redis = RedisServer::start();
+    let sink = Sink::start(|r| {
+        let key = r.idempotency_key().unwrap_or_default();
+        let h = key.bytes().fold(r.attempt as u64 * 7919, |h, b| {
+            h.wrapping_mul(31).wrapping_add(b as u64)
+        });
+        if r.attempt < 3 && h % 5 == 0 {
+            Reply::status(503)
+        } else {
+            Reply::status(204).after(Duration::from_millis(3))
+        }
+    });
+    let mut conn = redis.conn();
+    let tickets = publish(&mut conn, 10, 40);
+    let extra = [("PAHEKO_PUSH_BACKOFF_SECONDS", "0.02")];
+    let names = ["box-a", "box-b"];
+    let workers: Arc<Mutex<Vec<Worker>>> = Arc::new(Mutex::new(
+        names
+            .iter()
+            .map(|n| instance(&redis, &sink, n, &extra))
+            .collect(),
+    ));
+    let mut kills = 0;
+    let mut hits = 0;
+    for round in 0..4 {
+        wait_until("one active", T, || {
+            workers.lock().unwrap().iter().any(|w| role(w) == "active")
+        });
+        let before = sink.accepted().len();
+        wait_until("some deliveries", T, || {
+            sink.accepted().len() > before + 20 || pending_count(&mut conn, STREAM, GROUP) == 0
+        });
+        if pending_count(&mut conn, STREAM, GROUP) == 0 {
+            break;
+        }
+        let mut ws = workers.lock().unwrap();
+        let at = ws.iter().position(|w| role(w) == "active").unwrap();
+        let pending_at_kill = pending_count(&mut conn, STREAM, GROUP);
+        ws[at].kill9();
+        kills += 1;
+        if pending_at_kill > 0 {
+            hits += 1;
+        }
+        // The other one takes over once the lease expires; only then is the killed one
+        // started again (under its own name it would take the lease back at once).
+        let other = 1 - at;
+        wait_until("the other one active", T, || role(&ws[other]) == "active");
+        let restarted = instance(&redis, &sink, names[at], &extra);
+        ws[at] = restarted;
+        eprintln!(
+            "chaos round {round}: killed {} with {pending_at_kill} pending",
+            names[at]
+        );
+    }
+    wait_until("everything delivered", Duration::from_secs(60), || {
+        pending_count(&mut conn, STREAM, GROUP) == 0
+    });
+    let received = sink.wait_settled(T);
+    let duplicates = first_acceptances_in_order(&received, &tickets);
+    let accepted: HashSet<String> = received
+        .iter()
+        .filter(|r| r.accepted())
+        .map(sale_of)
+        .collect();
+    eprintln!(
+        "chaos, two instances: 400 tickets, {kills} kill -9 of the active one ({hits} with entries pending), {} requests, {duplicates} duplicates, {} lost",
+        received.len(),
+        400 - accepted.len()
+    );
+    assert_eq!(accepted.len(), 400, "0 lost");
+    assert!(kills >= 2 && hits >= 2, "{kills} kills, {hits} hits");
+}
