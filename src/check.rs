@@ -200,6 +200,7 @@ fn redis_checks(config: &Config) -> Vec<Line> {
                 Err(e) => lines.push(line(Status::Fail, "stream", format!("{stream}: {e}"))),
             }
             lines.push(group_check(&mut redis, config));
+            lines.push(lease_check(&mut redis, config));
         }
     }
 
@@ -224,6 +225,53 @@ fn redis_checks(config: &Config) -> Vec<Line> {
         (Err(e), _) | (_, Err(e)) => line(Status::Fail, "dead letters", format!("{dead}: {e}")),
     });
     lines
+}
+
+/// Who holds the lease (the active instance), since when and for how long still.
+fn lease_check(redis: &mut Redis, config: &Config) -> Line {
+    let names = store::Names {
+        stream: config.stream.clone(),
+        group: config.group.clone(),
+        consumer: config.consumer.clone(),
+        dead_letters: config.dead_letter_stream.clone(),
+    };
+    let key = crate::lease::key(&names);
+    match crate::lease::describe(redis, &names) {
+        Err(e) => line(Status::Fail, "lease", format!("{key}: {e}")),
+        Ok(None) => line(
+            Status::Ok,
+            "lease",
+            format!("{key}: free, no instance delivers now (the next one started takes it)"),
+        ),
+        Ok(Some((holder, ttl))) if holder.free => line(
+            Status::Ok,
+            "lease",
+            format!(
+                "{key}: released by {} at a clean stop, {} s ago at most; free",
+                holder.consumer,
+                config.lease.saturating_sub(ttl).as_secs()
+            ),
+        ),
+        Ok(Some((holder, ttl))) => {
+            let since = crate::clock::rfc3339(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(holder.since),
+            );
+            let me = if holder.consumer == config.consumer {
+                " (this consumer name)"
+            } else {
+                ""
+            };
+            line(
+                Status::Ok,
+                "lease",
+                format!(
+                    "{key}: held by {}{me} since {since}, {:.1} s left before it expires unless renewed",
+                    holder.consumer,
+                    ttl.as_secs_f64()
+                ),
+            )
+        }
+    }
 }
 
 /// A Redis error, with what to do when it is the server's certificate.

@@ -452,3 +452,34 @@ fn chaos_two_instances_kill_whichever_is_active() {
     assert_eq!(accepted.len(), 400, "0 lost");
     assert!(kills >= 2 && hits >= 2, "{kills} kills, {hits} hits");
 }
+
+#[test]
+fn check_says_who_holds_the_lease() {
+    let redis = RedisServer::start();
+    let sink = Sink::ok();
+    let mut conn = redis.conn();
+    publish(&mut conn, 1, 1);
+    let lease_line = |env: Vec<(String, String)>| -> String {
+        let finished = Worker::run_to_end(&["check"], env);
+        finished
+            .stdout
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some("lease"))
+            .unwrap_or_else(|| panic!("no lease line:\n{finished:?}"))
+            .to_owned()
+    };
+    let env = env_with(base_env(&redis, &sink), [("PAHEKO_PUSH_CONSUMER", "box-b")]);
+    let mut worker = instance(&redis, &sink, "box-a", &[]);
+    wait_until("box-a active", T, || role(&worker) == "active");
+    let held = lease_line(env.clone());
+    assert!(
+        held.starts_with("ok")
+            && held.contains("held by box-a since 20")
+            && held.contains("s left"),
+        "{held}"
+    );
+    worker.sigterm();
+    worker.wait_exit(T);
+    let released = lease_line(env);
+    assert!(released.contains("released by box-a"), "{released}");
+}
