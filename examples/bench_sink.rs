@@ -13,8 +13,11 @@
 //! ms after it was read (the connection's thread sleeps), as a PHP plugin that takes N
 //! ms per ticket would; `scripts/bench`'s slow-plugin scenario uses 20 ms.
 //!
+//! With `--fail-percent P` it answers 503 to P % of the POSTs, at random, as an
+//! overloaded php-fpm would (issue 8's flaky-plugin drain).
+//!
 //! ```text
-//! bench_sink [--port-file PATH] [--delay-ms N]   # listens on 127.0.0.1:0
+//! bench_sink [--port-file PATH] [--delay-ms N] [--fail-percent P]   # listens on 127.0.0.1:0
 //! ```
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -36,8 +39,9 @@ fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut port_file = None;
     let mut delay = Duration::ZERO;
+    let mut fail_percent = 0u64;
     let usage = || -> ! {
-        eprintln!("usage: bench_sink [--port-file PATH] [--delay-ms N]");
+        eprintln!("usage: bench_sink [--port-file PATH] [--delay-ms N] [--fail-percent P]");
         std::process::exit(2);
     };
     let mut it = args.iter();
@@ -47,6 +51,7 @@ fn main() -> std::io::Result<()> {
             ("--delay-ms", Some(ms)) => {
                 delay = Duration::from_millis(ms.parse().unwrap_or_else(|_| usage()));
             }
+            ("--fail-percent", Some(p)) => fail_percent = p.parse().unwrap_or_else(|_| usage()),
             _ => usage(),
         }
     }
@@ -67,14 +72,19 @@ fn main() -> std::io::Result<()> {
         counters.connections.fetch_add(1, Relaxed);
         let counters = Arc::clone(&counters);
         std::thread::spawn(move || {
-            let _ = serve(stream, &counters, delay);
+            let _ = serve(stream, &counters, delay, fail_percent);
         });
     }
     Ok(())
 }
 
 /// Serves one keep-alive connection until the client closes it.
-fn serve(stream: TcpStream, counters: &Counters, delay: Duration) -> std::io::Result<()> {
+fn serve(
+    stream: TcpStream,
+    counters: &Counters,
+    delay: Duration,
+    fail_percent: u64,
+) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::with_capacity(16 * 1024, stream);
@@ -147,13 +157,27 @@ fn serve(stream: TcpStream, counters: &Counters, delay: Duration) -> std::io::Re
                     std::thread::sleep(delay);
                 }
                 counters.posts.fetch_add(1, Relaxed);
-                writer.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")?;
+                if fail_percent > 0 && random_percent() < fail_percent {
+                    writer.write_all(
+                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n",
+                    )?;
+                } else {
+                    writer.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")?;
+                }
             }
         }
         if close {
             return Ok(());
         }
     }
+}
+
+/// 0 to 99, from the standard library's randomly seeded hasher.
+fn random_percent() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(now_ns() as u128);
+    h.finish() % 100
 }
 
 fn lock(counters: &Counters) -> std::sync::MutexGuard<'_, Vec<u64>> {

@@ -7,10 +7,28 @@
 //! only *when* requests may go out; each method says what changed, and the acker logs
 //! it and shows it on /health.
 
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use crate::config::RetryConfig;
 use crate::retry::jitter;
+
+/// What the pushers see of the breaker: whether it is open. The acker alone writes
+/// it; a pusher that finds it open sends nothing but the probe and hands any other
+/// event straight back, so the events already handed over when the breaker opened do
+/// not go out after it.
+#[derive(Debug, Default)]
+pub struct Signal(AtomicBool);
+
+impl Signal {
+    pub fn set(&self, open: bool) {
+        self.0.store(open, Relaxed);
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.0.load(Relaxed)
+    }
+}
 
 /// What a request may be sent as: anything while closed, the one probe while open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

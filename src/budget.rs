@@ -52,12 +52,13 @@ impl Budget {
         }
     }
 
-    /// How many entries the next read may bring, at most `count`; 0 while the entries
-    /// or the bytes are spent.
+    /// How many entries the next read may bring, at most `count`; 0 while the bytes are
+    /// spent or fewer than `count` entries are free (and something is held): a reader
+    /// woken for every settled entry would read them one at a time.
     pub fn room(&self, count: usize) -> usize {
         let entries = self.entries.load(Relaxed).max(0) as usize;
         let bytes = self.bytes.load(Relaxed);
-        if bytes <= 0 {
+        if bytes <= 0 || (entries < count.min(self.max_entries) && entries < self.max_entries) {
             return 0;
         }
         let by_size = match self.largest.load(Relaxed) {
@@ -76,10 +77,18 @@ impl Budget {
 
     /// The acker settled (or dropped a copy of) an entry of `bytes` bytes.
     pub fn give(&self, bytes: usize) {
-        self.entries.fetch_add(1, Relaxed);
-        self.bytes.fetch_add(bytes as i64, Relaxed);
-        // Full means a wake-up is already on its way.
-        let _ = self.freed.0.try_send(());
+        let entries = self.entries.fetch_add(1, Relaxed) + 1;
+        let before = self.bytes.fetch_add(bytes as i64, Relaxed);
+        // Wake a waiting reader only when a read became possible: a whole read's worth
+        // of entries free, nothing held any more, or bytes free again.
+        let read = crate::reader::COUNT.min(self.max_entries) as i64;
+        if entries == read
+            || entries == self.max_entries as i64
+            || (before <= 0 && before + bytes as i64 > 0)
+        {
+            // Full means a wake-up is already on its way.
+            let _ = self.freed.0.try_send(());
+        }
     }
 
     /// Waits until some room frees up, [`WAIT`] passes or the worker stops.
@@ -113,19 +122,24 @@ mod tests {
     #[test]
     fn reads_stop_when_entries_or_bytes_are_spent() {
         let b = Budget::new(10, 1000);
-        assert_eq!(b.room(128), 10);
+        assert_eq!(b.room(128), 10, "nothing held: a read of up to 10");
         b.take(10, 100, 10);
-        assert_eq!(b.room(128), 0);
+        assert_eq!(b.room(4), 0);
         b.give(10);
-        assert_eq!(b.room(128), 1);
-        b.give(10);
-        // 920 bytes left, entries of up to 10 bytes seen: the entry count limits.
-        assert_eq!(b.room(128), 2);
+        assert_eq!(b.room(4), 0, "one free: not a read's worth yet");
+        for _ in 0..3 {
+            b.give(10);
+        }
+        // 4 free, 940 bytes left, entries of up to 10 bytes seen: the count limits.
+        assert_eq!(b.room(4), 4);
         b.take(1, 900, 300);
-        // 20 bytes left, entries of up to 300 bytes seen: one at a time.
-        assert_eq!(b.room(128), 1);
+        assert_eq!(
+            b.room(3),
+            1,
+            "40 bytes left, entries of 300 seen: one at a time"
+        );
         b.take(1, 300, 300);
-        assert_eq!(b.room(128), 0, "bytes overdrawn by one read");
-        assert_eq!(b.held(), (10, 1280));
+        assert_eq!(b.room(1), 0, "bytes overdrawn by one read");
+        assert_eq!(b.held(), (8, 1260));
     }
 }

@@ -14,7 +14,9 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use redis::{RedisError, Value};
+use std::sync::LazyLock;
+
+use redis::{RedisError, Script, Value};
 use serde::Deserialize;
 
 use crate::event::StreamId;
@@ -102,6 +104,10 @@ for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
 end
 return deleted
 "#;
+
+/// Loaded once per connection and then called by its SHA (EVALSHA): it runs for every
+/// batch of acknowledgements.
+static ACK_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ACK));
 
 /// Marks the lease free when it is still ours.
 const RELEASE: &str = r#"
@@ -441,17 +447,15 @@ impl Standing {
         if ids.is_empty() {
             return Ok(true);
         }
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(ACK)
-            .arg(2)
-            .arg(self.lease.key())
-            .arg(&names.stream)
+        let mut call = ACK_SCRIPT.prepare_invoke();
+        call.key(self.lease.key())
+            .key(&names.stream)
             .arg(self.lease.value())
             .arg(&names.group);
         for id in ids {
-            cmd.arg(id.to_string());
+            call.arg(id.to_string());
         }
-        Ok(redis.query::<i64>(&cmd)? >= 0)
+        Ok(redis.invoke::<i64>(&call)? >= 0)
     }
 
     /// On a clean stop, once nothing is in flight: the lease is marked free, so a

@@ -151,11 +151,13 @@ pub fn run(config: Config) -> Result<(), Error> {
                 !config.allow_http,
                 config.plugin_ca.as_ref(),
             );
+            let breaker_signal = Arc::new(breaker::Signal::default());
             let pusher = Arc::new(pusher::Pusher::new(
                 agent,
                 plugin.clone(),
                 Arc::clone(&stats),
                 shutdown.clone(),
+                Arc::clone(&breaker_signal),
             ));
             let liveness = watched_threads(&config);
             let budget = Arc::new(budget::Budget::default());
@@ -179,7 +181,7 @@ pub fn run(config: Config) -> Result<(), Error> {
                 dead_letter_statuses: config.dead_letter_statuses.clone(),
                 give_up_after_parks: config.give_up_after_parks,
                 breaker_threshold: config.breaker_threshold,
-                window: config.concurrency,
+                window: 8 * config.concurrency,
                 stats: Arc::clone(&stats),
                 shutdown: shutdown.clone(),
                 beat: liveness.beat(0),
@@ -189,6 +191,7 @@ pub fn run(config: Config) -> Result<(), Error> {
                     config.timeout,
                 ),
                 roles: roles_tx,
+                breaker_signal,
             };
             threads.push(spawn("acker", move || {
                 acker.run(batches_rx, done_rx, work_tx)

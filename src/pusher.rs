@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::breaker::Signal;
 use crate::config::{CaFile, Plugin};
 use crate::event::Event;
 use crate::notify::Beat;
@@ -104,6 +105,15 @@ pub enum Reply {
     NoAnswer(String),
     /// Not sent: the worker is stopping. The entry stays pending.
     NotSent,
+    /// Not sent: the breaker opened after the event was handed over. Back to the acker.
+    HeldBack,
+}
+
+/// One attempt handed to a pusher: the event, and whether it is the breaker's probe.
+#[derive(Debug)]
+pub struct Attempt {
+    pub event: Event,
+    pub probe: bool,
 }
 
 /// One attempt's report to the acker.
@@ -119,6 +129,7 @@ pub struct Pusher {
     plugin: Plugin,
     stats: Arc<Stats>,
     shutdown: Shutdown,
+    breaker: Arc<Signal>,
 }
 
 impl Pusher {
@@ -127,12 +138,14 @@ impl Pusher {
         plugin: Plugin,
         stats: Arc<Stats>,
         shutdown: Shutdown,
+        breaker: Arc<Signal>,
     ) -> Pusher {
         Pusher {
             agent,
             plugin,
             stats,
             shutdown,
+            breaker,
         }
     }
 
@@ -174,12 +187,14 @@ impl Pusher {
     }
 
     /// Runs a pusher until the work channel closes: one attempt per event received.
-    pub fn run(&self, work: Receiver<Event>, done: Sender<Done>, beat: Beat) {
-        for event in work {
+    pub fn run(&self, work: Receiver<Attempt>, done: Sender<Done>, beat: Beat) {
+        for Attempt { event, probe } in work {
             beat.busy();
             let started = Instant::now();
             let reply = if self.shutdown.is_stopping() {
                 Reply::NotSent
+            } else if !probe && self.breaker.is_open() {
+                Reply::HeldBack
             } else {
                 let reply = self.post(&event);
                 self.stats.request_duration.observe(started.elapsed());

@@ -284,11 +284,30 @@ fn entries_a_tool_left_pending_meanwhile_are_taken_over_after_claim_idle() {
         ],
     ));
     wait_until("active", T, || worker.health().1["role"] == "active");
-    // An old Python worker, still running somewhere, grabs two tickets and dies.
-    let ids: Vec<String> = (0..2)
-        .map(|n| publish_ticket(&mut conn, "cs-1", &format!("grabbed-{n}")))
-        .collect();
-    read_as(&mut conn, "python-worker");
+    // An old Python worker, still running somewhere, grabs two tickets as they are
+    // written (one transaction, so this worker cannot read them first) and dies.
+    let mut grab = redis::pipe();
+    grab.atomic();
+    for n in 0..2 {
+        grab.cmd("XADD")
+            .arg(STREAM)
+            .arg("*")
+            .arg("event")
+            .arg("pos.ticket.created")
+            .arg("payload")
+            .arg(ticket("cs-1", &format!("grabbed-{n}")));
+    }
+    grab.cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(GROUP)
+        .arg("python-worker")
+        .arg("COUNT")
+        .arg(2)
+        .arg("STREAMS")
+        .arg(STREAM)
+        .arg(">")
+        .ignore();
+    let ids: Vec<String> = grab.query(&mut conn).unwrap();
     let took = worker.wait_for_msg(
         "taking over entries another consumer left pending (a stopped or dead instance?)",
         Duration::from_secs(20),

@@ -75,6 +75,9 @@ fn a_waiting_retry_never_holds_a_pusher() {
         sink.received().into_iter().find(|r| sale_of(r) == "e1")
     });
     let waited = e1.at.saturating_duration_since(published);
+    eprintln!(
+        "four failing heads, four pushers: e1 reached the plugin {waited:?} after it was published"
+    );
     assert!(
         waited < Duration::from_secs(2),
         "e1 waited {waited:?} for a pusher"
@@ -174,12 +177,17 @@ fn a_stop_with_a_retry_falling_due_is_quiet() {
         sink.received().into_iter().find(|r| sale_of(r) == "slow")
     });
     worker.sigterm();
+    let stopped = Instant::now();
     let cpu_at_stop = cpu_seconds(worker.pid());
     let sent_at_stop = sink.count();
     // Sampled while the slow request is still under way (it ends 7.8 s after it came).
     let sample_at = slow.at + Duration::from_millis(7400);
     std::thread::sleep(sample_at.saturating_duration_since(Instant::now()));
     let used = cpu_seconds(worker.pid()) - cpu_at_stop;
+    eprintln!(
+        "stop with a retry falling due: {used:.2} CPU seconds in the {:?} after SIGTERM",
+        stopped.elapsed()
+    );
     assert!(
         worker.try_status().is_none(),
         "still waiting for the slow request"
