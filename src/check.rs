@@ -229,12 +229,7 @@ fn redis_checks(config: &Config) -> Vec<Line> {
 
 /// Who holds the lease (the active instance), since when and for how long still.
 fn lease_check(redis: &mut Redis, config: &Config) -> Line {
-    let names = store::Names {
-        stream: config.stream.clone(),
-        group: config.group.clone(),
-        consumer: config.consumer.clone(),
-        dead_letters: config.dead_letter_stream.clone(),
-    };
+    let names = config.names();
     let key = crate::lease::key(&names);
     match crate::lease::describe(redis, &names) {
         Err(e) => line(Status::Fail, "lease", format!("{key}: {e}")),
@@ -304,12 +299,7 @@ fn group_check(redis: &mut Redis, config: &Config) -> Line {
                 ),
             ),
             Some(g) => {
-                let names = store::Names {
-                    stream: config.stream.clone(),
-                    group: config.group.clone(),
-                    consumer: config.consumer.clone(),
-                    dead_letters: config.dead_letter_stream.clone(),
-                };
+                let names = config.names();
                 // The worker's own count when it has one (exact after a trimmed gap).
                 let lag = store::group_lag(redis, &names).unwrap_or(g.lag.map(|l| l as u64));
                 let backlog = match lag {

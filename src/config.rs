@@ -482,6 +482,16 @@ impl Config {
         })
     }
 
+    /// The stream, group, consumer and dead-letter stream, as every Redis call names them.
+    pub fn names(&self) -> crate::store::Names {
+        crate::store::Names {
+            stream: self.stream.clone(),
+            group: self.group.clone(),
+            consumer: self.consumer.clone(),
+            dead_letters: self.dead_letter_stream.clone(),
+        }
+    }
+
     /// The strings that must never be printed: the plugin secret and the Redis password.
     pub fn secrets(&self) -> Vec<String> {
         let mut secrets = Vec::new();

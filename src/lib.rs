@@ -116,12 +116,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         ),
         None => None,
     };
-    let names = Names {
-        stream: config.stream.clone(),
-        group: config.group.clone(),
-        consumer: config.consumer.clone(),
-        dead_letters: config.dead_letter_stream.clone(),
-    };
+    let names = config.names();
     let open = || {
         Redis::open_with_ca(
             &config.redis_url,
