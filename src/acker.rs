@@ -92,6 +92,9 @@ struct State {
     /// an outage.
     accepted: u64,
     to_ack: Vec<StreamId>,
+    /// Redis refused the last acknowledgements: nothing more is sent until it takes
+    /// them, since every delivery meanwhile would only be sent again later.
+    acks_failing: bool,
     to_dead: Vec<Settling>,
     redis_failures: u32,
     retry_redis_at: Option<Instant>,
@@ -116,6 +119,7 @@ impl Acker {
             tries: HashMap::new(),
             accepted: 0,
             to_ack: Vec::new(),
+            acks_failing: false,
             to_dead: Vec::new(),
             redis_failures: 0,
             retry_redis_at: None,
@@ -133,7 +137,7 @@ impl Acker {
             {
                 self.standing_changed(&mut s, change);
             }
-            if !stopping && self.standing.may_send(now) {
+            if !stopping && !s.acks_failing && self.standing.may_send(now) {
                 s.ready.extend(s.lanes.due(now));
                 self.dispatch(&mut s, &work, now);
             }
@@ -188,7 +192,10 @@ impl Acker {
             while let Ok(d) = done.try_recv() {
                 self.settle(&mut s, d);
             }
-            if !self.shutdown.is_stopping() && self.standing.may_send(Instant::now()) {
+            if !self.shutdown.is_stopping()
+                && !s.acks_failing
+                && self.standing.may_send(Instant::now())
+            {
                 self.dispatch(&mut s, &work, Instant::now());
             }
             if s.retry_redis_at.is_none_or(|t| t <= Instant::now()) {
@@ -619,10 +626,12 @@ impl Acker {
 
     fn write_all(&mut self, s: &mut State) -> Result<(), redis::RedisError> {
         if !s.to_ack.is_empty() {
+            s.acks_failing = true;
             if !self.standing.ack(&mut self.redis, &self.names, &s.to_ack)? {
                 log::warn!(entries = s.to_ack.len();
                     "delivered, but the lease is another instance's now: left pending for it (it sends them again, under the same Idempotency-Key)");
             }
+            s.acks_failing = false;
             for id in s.to_ack.drain(..) {
                 if let Some(bytes) = s.lanes.forget(id) {
                     self.budget.give(bytes);

@@ -44,7 +44,7 @@ pub use error::Error;
 use config::{Config, Raw};
 use shutdown::Shutdown;
 use stats::Stats;
-use store::{Names, Redis};
+use store::Redis;
 
 /// The program: reads the configuration, then runs the command the arguments name.
 pub fn main_with(args: &[String]) -> Result<(), Error> {
