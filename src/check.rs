@@ -70,17 +70,8 @@ fn line(status: Status, what: &'static str, detail: impl Into<String>) -> Line {
 /// `paheko-push check …`: loads the configuration with `config`, runs every check and
 /// prints one line each.
 pub fn main(args: &[String], config: impl FnOnce() -> Result<Config, Error>) -> Result<(), Error> {
-    match args.first().map(String::as_str) {
-        None => {}
-        Some("-h" | "--help") => {
-            println!("{USAGE}");
-            return Ok(());
-        }
-        Some(other) => {
-            return Err(Error::Usage(format!(
-                "check takes no argument, got {other:?}\n{USAGE}"
-            )));
-        }
+    if crate::help_asked("check", args, USAGE)? {
+        return Ok(());
     }
     let config = config()?;
     let redactor = Redactor::new(config.secrets());

@@ -73,6 +73,21 @@ pub fn main_with(args: &[String]) -> Result<(), Error> {
     run(config)
 }
 
+/// For a subcommand that takes no argument: true when `--help` was asked (the usage is
+/// printed), a usage error naming the argument when something else was given.
+pub(crate) fn help_asked(command: &str, args: &[String], usage: &str) -> Result<bool, Error> {
+    match args.first().map(String::as_str) {
+        None => Ok(false),
+        Some("-h" | "--help") => {
+            println!("{usage}");
+            Ok(true)
+        }
+        Some(other) => Err(Error::Usage(format!(
+            "{command} takes no argument, got {other:?}\n{usage}"
+        ))),
+    }
+}
+
 /// The validated configuration, from the environment and ./.env; the same for every
 /// command.
 fn load_config() -> Result<Config, Error> {

@@ -33,17 +33,8 @@ pub enum Verdict {
 /// `paheko-push health …`: loads the configuration with `config`, asks the worker and
 /// prints one line (stdout when healthy; otherwise the error, on stderr, says why).
 pub fn main(args: &[String], config: impl FnOnce() -> Result<Config, Error>) -> Result<(), Error> {
-    match args.first().map(String::as_str) {
-        None => {}
-        Some("-h" | "--help") => {
-            println!("{USAGE}");
-            return Ok(());
-        }
-        Some(other) => {
-            return Err(Error::Usage(format!(
-                "health takes no argument, got {other:?}\n{USAGE}"
-            )));
-        }
+    if crate::help_asked("health", args, USAGE)? {
+        return Ok(());
     }
     let unhealthy = |message: String| Error::Command { code: 1, message };
     let config = config().map_err(|e| unhealthy(format!("unhealthy: {e}")))?;
