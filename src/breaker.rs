@@ -7,28 +7,10 @@
 //! only *when* requests may go out; each method says what changed, and the acker logs
 //! it and shows it on /health.
 
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use crate::config::RetryConfig;
-use crate::retry::jitter;
-
-/// What the pushers see of the breaker: whether it is open. The acker alone writes
-/// it; a pusher that finds it open sends nothing but the probe and hands any other
-/// event straight back, so the events already handed over when the breaker opened do
-/// not go out after it.
-#[derive(Debug, Default)]
-pub struct Signal(AtomicBool);
-
-impl Signal {
-    pub fn set(&self, open: bool) {
-        self.0.store(open, Relaxed);
-    }
-
-    pub fn is_open(&self) -> bool {
-        self.0.load(Relaxed)
-    }
-}
+use crate::retry::{Rng, jitter};
 
 /// What a request may be sent as: anything while closed, the one probe while open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +58,7 @@ pub struct Breaker {
     retry: RetryConfig,
     failures: u32,
     open: Option<Open>,
+    rng: Rng,
 }
 
 #[derive(Debug)]
@@ -88,12 +71,15 @@ struct Open {
 }
 
 impl Breaker {
-    pub fn new(threshold: u32, retry: RetryConfig) -> Breaker {
+    /// `seed` spreads the probe intervals (the breaker reads no clock and no system
+    /// randomness, so the coordinator's simulation replays exactly).
+    pub fn new(threshold: u32, retry: RetryConfig, seed: u64) -> Breaker {
         Breaker {
             threshold,
             retry,
             failures: 0,
             open: None,
+            rng: Rng::new(seed),
         }
     }
 
@@ -123,12 +109,12 @@ impl Breaker {
     }
 
     /// The plugin answered (2xx or a per-ticket refusal): it is up, and takes tickets.
-    pub fn on_answer(&mut self) -> Option<Change> {
+    pub fn on_answer(&mut self, now: Instant) -> Option<Change> {
         self.failures = 0;
         let open = self.open.take()?;
         Some(Change::Closed {
             was: open.cause,
-            down_for: open.since.elapsed(),
+            down_for: now.saturating_duration_since(open.since),
             probes: open.probes,
         })
     }
@@ -166,7 +152,7 @@ impl Breaker {
     }
 
     fn open(&mut self, cause: Cause, now: Instant) -> Change {
-        let wait = jitter(self.retry.delay_after(1));
+        let wait = jitter(self.retry.delay_after(1), self.rng.unit());
         let since = self.open.as_ref().map_or(now, |open| open.since);
         self.open = Some(Open {
             cause,
@@ -192,7 +178,7 @@ impl Breaker {
         open.cause = cause;
         open.probing = false;
         open.probes += 1;
-        let wait = jitter(self.retry.delay_after(open.probes + 1));
+        let wait = jitter(self.retry.delay_after(open.probes + 1), self.rng.unit());
         open.next_probe = now + wait;
         Some(Change::StillOpen {
             cause,
@@ -214,7 +200,7 @@ mod tests {
             factor: 2.0,
             max_backoff: Duration::from_secs(10),
         };
-        Breaker::new(threshold, retry)
+        Breaker::new(threshold, retry, 1)
     }
 
     #[test]
@@ -254,7 +240,7 @@ mod tests {
         let second = b.next_probe().unwrap();
         assert_eq!(b.permit(second), Some(Permit::Probe));
         assert!(matches!(
-            b.on_answer(),
+            b.on_answer(second),
             Some(Change::Closed {
                 was: Cause::Down,
                 probes: 1,
@@ -271,7 +257,7 @@ mod tests {
         let now = Instant::now();
         b.on_failure(Permit::Send, now);
         b.on_failure(Permit::Send, now);
-        assert_eq!(b.on_answer(), None);
+        assert_eq!(b.on_answer(now), None);
         b.on_failure(Permit::Send, now);
         b.on_failure(Permit::Send, now);
         assert_eq!(b.cause(), None);
@@ -307,7 +293,7 @@ mod tests {
         b.release(Permit::Probe);
         assert_eq!(b.permit(at), Some(Permit::Probe), "released, so free again");
         assert!(matches!(
-            b.on_answer(),
+            b.on_answer(at),
             Some(Change::Closed {
                 was: Cause::Refusing(404),
                 ..

@@ -19,28 +19,49 @@ use std::sync::LazyLock;
 use redis::{RedisError, Script, Value};
 use serde::Deserialize;
 
+use crate::core::LeaseReply;
 use crate::event::StreamId;
 use crate::store::{Names, Redis};
 
-/// How often a standby tries to take the lease (client-go's RetryPeriod), at most.
-pub const RETRY: Duration = Duration::from_secs(2);
-
-/// Takes the lease if it is free, expired, released, or held under this very consumer
-/// name (this worker's previous self, restarted by systemd: it is gone). Returns how
-/// it was taken, or who holds it and for how long still.
+/// Takes the lease if it is free, expired, released, has no expiry (a value restored
+/// from a dump, or set by hand: no holder ever writes one), or is this very process's
+/// (same token: a re-take after stepping down). Each take starts a new tenure: a number
+/// from the counter KEYS[2] that only grows, written into the value as a fencing token.
+/// Under this consumer name with another token, it answers `same_name`: the caller
+/// tells a restarted self (a process of this host that no longer runs) from a live twin
+/// (issue 13, 3). Returns {how, previous value, tenure or PTTL, new value}.
 const ACQUIRE: &str = r#"
 local current = redis.call('GET', KEYS[1])
-if not current then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return {'absent', ''}
+local function take(how)
+  local tenure = redis.call('INCR', KEYS[2])
+  local value = cjson.encode({consumer = ARGV[1], token = ARGV[2], tenure = tenure,
+    since = tonumber(ARGV[4]), host = ARGV[5], pid = tonumber(ARGV[6])})
+  redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
+  return {how, current or '', tostring(tenure), value}
 end
+if not current then return take('absent') end
+if redis.call('PTTL', KEYS[1]) == -1 then return take('repaired') end
 local ok, held = pcall(cjson.decode, current)
-if ok and type(held) == 'table' and (held['free'] or held['consumer'] == ARGV[3]) then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  if held['free'] then return {'released', current} end
-  return {'own', current}
+if ok and type(held) == 'table' then
+  if held['free'] then return take('released') end
+  if held['token'] == ARGV[2] then return take('own') end
+  if held['consumer'] == ARGV[1] then
+    return {'same_name', current, tostring(redis.call('PTTL', KEYS[1])), ''}
+  end
 end
-return {'held', current, tostring(redis.call('PTTL', KEYS[1]))}
+return {'held', current, tostring(redis.call('PTTL', KEYS[1])), ''}
+"#;
+
+/// Takes the lease from a dead process that held it under our consumer name, only if
+/// it still holds exactly ARGV[7] (compare-and-set).
+const TAKE_FROM_DEAD: &str = r#"
+local current = redis.call('GET', KEYS[1])
+if current ~= ARGV[7] then return {'changed', current or '', '0', ''} end
+local tenure = redis.call('INCR', KEYS[2])
+local value = cjson.encode({consumer = ARGV[1], token = ARGV[2], tenure = tenure,
+  since = tonumber(ARGV[4]), host = ARGV[5], pid = tonumber(ARGV[6])})
+redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
+return {'restarted', current, tostring(tenure), value}
 "#;
 
 /// Extends the lease when it is still ours.
@@ -118,17 +139,34 @@ end
 return 0
 "#;
 
-/// How the lease was found when this instance tried to take it.
+/// How this instance took the lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Taken {
     /// Nobody held it: never taken, or the holder's TTL ran out. If other consumers
-    /// hold pending entries, a request of theirs may still be in flight: [`fence`].
+    /// hold pending entries, a request of theirs may still be in flight: the fence.
     Absent,
-    /// Released by a clean stop, or held under our own consumer name: nothing of the
-    /// previous holder can be in flight.
-    Clean { previous: Holder },
-    /// Someone else holds it: stay a standby.
-    Held { holder: Holder, ttl_left: Duration },
+    /// It had no expiry (restored from a dump, set by hand): taken as if absent.
+    Repaired,
+    /// Released by a clean stop: nothing of the previous holder is in flight.
+    Released { previous: Holder },
+    /// This very process held it (a re-take after stepping down); its own requests of
+    /// the earlier tenure are waited for by the coordinator.
+    Own,
+    /// Held under this consumer name by a process of this host that no longer runs.
+    Restarted { previous: Holder },
+}
+
+impl Taken {
+    /// For the log line, in words.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Taken::Absent => "it was free",
+            Taken::Repaired => "it had no expiry, repaired",
+            Taken::Released { .. } => "released by the previous holder",
+            Taken::Own => "taken back by this process",
+            Taken::Restarted { .. } => "held by this consumer's previous process, which is gone",
+        }
+    }
 }
 
 /// What the lease's value says.
@@ -143,10 +181,18 @@ pub struct Holder {
     pub since: u64,
     #[serde(default)]
     pub free: bool,
+    /// The tenure it holds; 0 for a value of an older version.
+    #[serde(default)]
+    pub tenure: u64,
+    /// Which host (machine boot and hostname) and process hold it.
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub pid: u32,
 }
 
 impl Holder {
-    fn parse(value: &str) -> Holder {
+    pub fn parse(value: &str) -> Holder {
         serde_json::from_str(value).unwrap_or_else(|_| Holder {
             consumer: value.to_string(),
             ..Holder::default()
@@ -154,13 +200,16 @@ impl Holder {
     }
 }
 
-/// This instance's claim on the lease.
+/// This instance's claim on the lease: who it is, and the Redis calls. The decisions
+/// (when to take, renew, step down; the fence) are the coordinator's ([`crate::core`]).
 #[derive(Debug, Clone)]
 pub struct Lease {
     key: String,
+    tenure_key: String,
     consumer: String,
-    value: String,
-    pub ttl: Duration,
+    token: String,
+    host: String,
+    ttl: Duration,
 }
 
 /// The lease key of a stream and group.
@@ -168,312 +217,215 @@ pub fn key(names: &Names) -> String {
     format!("{}:{}:active", names.stream, names.group)
 }
 
+/// The counter the tenures are drawn from, beside the lease.
+pub fn tenure_key(names: &Names) -> String {
+    format!("{}:{}:tenure", names.stream, names.group)
+}
+
 impl Lease {
     pub fn new(names: &Names, ttl: Duration) -> Lease {
-        let value = serde_json::json!({
-            "consumer": names.consumer,
-            "token": token(),
-            "since": unix_ms(),
-        })
-        .to_string();
         Lease {
             key: key(names),
+            tenure_key: tenure_key(names),
             consumer: names.consumer.clone(),
-            value,
+            token: token(),
+            host: host_id(),
             ttl,
         }
-    }
-
-    /// A renewal is tried this often.
-    pub fn renew_every(&self) -> Duration {
-        self.ttl / 3
-    }
-
-    /// The holder stops starting requests when no renewal succeeded for this long: the
-    /// key still has a third of its TTL to live, so nobody else can hold it yet.
-    pub fn deadline(&self) -> Duration {
-        self.ttl * 2 / 3
     }
 
     pub fn key(&self) -> &str {
         &self.key
     }
 
-    pub fn value(&self) -> &str {
-        &self.value
+    /// Takes the lease if it may ([`ACQUIRE`]), or says who holds it.
+    pub fn take(&self, redis: &mut Redis, names: &Names) -> Result<LeaseReply, RedisError> {
+        let sent_at = Instant::now();
+        let reply = self.call(redis, ACQUIRE, None)?;
+        self.reply(redis, names, reply, sent_at)
     }
 
-    pub fn try_take(&self, redis: &mut Redis) -> Result<Taken, RedisError> {
+    /// Takes it from our consumer name's dead process, if it still holds `value`.
+    pub fn take_from_dead(
+        &self,
+        redis: &mut Redis,
+        names: &Names,
+        value: &str,
+    ) -> Result<LeaseReply, RedisError> {
+        let sent_at = Instant::now();
+        let reply = self.call(redis, TAKE_FROM_DEAD, Some(value))?;
+        self.reply(redis, names, reply, sent_at)
+    }
+
+    fn call(
+        &self,
+        redis: &mut Redis,
+        script: &str,
+        expected: Option<&str>,
+    ) -> Result<Vec<String>, RedisError> {
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(ACQUIRE)
-            .arg(1)
+        cmd.arg(script)
+            .arg(2)
             .arg(&self.key)
-            .arg(&self.value)
+            .arg(&self.tenure_key)
+            .arg(&self.consumer)
+            .arg(&self.token)
             .arg(self.ttl.as_millis() as u64)
-            .arg(&self.consumer);
-        let reply: Vec<String> = redis.query(&cmd)?;
-        let previous = || Holder::parse(reply.get(1).map_or("", String::as_str));
-        Ok(match reply.first().map(String::as_str) {
-            Some("absent") => Taken::Absent,
-            Some("released" | "own") => Taken::Clean {
-                previous: previous(),
-            },
-            _ => Taken::Held {
-                holder: previous(),
-                ttl_left: Duration::from_millis(
-                    reply.get(2).and_then(|t| t.parse().ok()).unwrap_or(0),
-                ),
+            .arg(unix_ms())
+            .arg(&self.host)
+            .arg(std::process::id());
+        if let Some(expected) = expected {
+            cmd.arg(expected);
+        }
+        redis.query(&cmd)
+    }
+
+    fn reply(
+        &self,
+        redis: &mut Redis,
+        names: &Names,
+        reply: Vec<String>,
+        sent_at: Instant,
+    ) -> Result<LeaseReply, RedisError> {
+        let field = |n: usize| reply.get(n).map_or("", String::as_str);
+        let previous = Holder::parse(field(1));
+        let number = field(2).parse::<i64>().unwrap_or(0);
+        let took = |how| LeaseReply::Took {
+            tenure: number.max(0) as u64,
+            value: field(3).to_string(),
+            how,
+            others_pending: false,
+            sent_at,
+        };
+        Ok(match field(0) {
+            "absent" | "repaired" => {
+                let how = if field(0) == "absent" {
+                    Taken::Absent
+                } else {
+                    log::error!(key = self.key.as_str();
+                        "the lease key had no expiry (restored from a dump, or set by hand?): taken as if it were free");
+                    Taken::Repaired
+                };
+                // Asked only now: a previous holder may have left requests in flight.
+                let others = others_pending(redis, names).unwrap_or(true);
+                match took(how) {
+                    LeaseReply::Took {
+                        tenure, value, how, ..
+                    } => LeaseReply::Took {
+                        tenure,
+                        value,
+                        how,
+                        others_pending: others,
+                        sent_at,
+                    },
+                    other => other,
+                }
+            }
+            "released" => took(Taken::Released { previous }),
+            "own" => took(Taken::Own),
+            "restarted" => {
+                let pending = crate::store::pending_count(redis, names).map_or(true, |n| n > 0);
+                match took(Taken::Restarted { previous }) {
+                    LeaseReply::Took {
+                        tenure, value, how, ..
+                    } => LeaseReply::Took {
+                        tenure,
+                        value,
+                        how,
+                        others_pending: pending,
+                        sent_at,
+                    },
+                    other => other,
+                }
+            }
+            "same_name" | "held" | "changed" => {
+                let same_name_dead = (field(0) == "same_name").then(|| self.is_dead(&previous));
+                LeaseReply::Held {
+                    holder: previous,
+                    value: field(1).to_string(),
+                    ttl_left: Duration::from_millis(number.max(0) as u64),
+                    same_name_dead,
+                }
+            }
+            other => LeaseReply::Failed {
+                error: format!("the lease script answered {other:?}"),
             },
         })
     }
 
-    /// True when the lease was still ours and is extended by one TTL.
-    pub fn renew(&self, redis: &mut Redis) -> Result<bool, RedisError> {
+    /// Whether `holder`, which uses our consumer name, is a process of this host that
+    /// no longer runs (this worker's previous self, restarted): then its requests ended
+    /// with it. A holder on another host, or one that runs, is a live twin.
+    fn is_dead(&self, holder: &Holder) -> bool {
+        if holder.host.is_empty() || holder.host != self.host || holder.pid == 0 {
+            return false;
+        }
+        holder.pid == std::process::id()
+            || !std::path::Path::new(&format!("/proc/{}", holder.pid)).exists()
+    }
+
+    /// True when the lease still holds `value` and is extended by one TTL.
+    pub fn renew(&self, redis: &mut Redis, value: &str) -> Result<bool, RedisError> {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(RENEW)
             .arg(1)
             .arg(&self.key)
-            .arg(&self.value)
+            .arg(value)
             .arg(self.ttl.as_millis() as u64);
         Ok(redis.query::<i64>(&cmd)? == 1)
     }
 
-    /// Leaves the lease marked free for one TTL, when it is still ours.
-    pub fn release(&self, redis: &mut Redis) -> Result<bool, RedisError> {
+    /// Leaves the lease marked free for one TTL, when it still holds `value`.
+    pub fn release(&self, redis: &mut Redis, value: &str) -> Result<bool, RedisError> {
         let free = serde_json::json!({"free": true, "consumer": self.consumer}).to_string();
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(RELEASE)
             .arg(1)
             .arg(&self.key)
-            .arg(&self.value)
+            .arg(value)
             .arg(free)
             .arg(self.ttl.as_millis() as u64);
         Ok(redis.query::<i64>(&cmd)? == 1)
     }
-}
 
-/// What the acker tells the reader: read (taking every pending entry of the group
-/// first), or read nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Active,
-    Standby,
-}
-
-/// A change of this instance's standing, for the acker to act on.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Change {
-    /// This instance holds the lease; it may send once `fence` has passed.
-    Took { how: Taken, fence: Duration },
-    /// It lost the lease or could not renew it in time: it stops sending at once.
-    SteppedDown { why: String },
-}
-
-/// Where this instance stands, as plain data the acker keeps with its timers.
-#[derive(Debug)]
-pub struct Standing {
-    lease: Lease,
-    request_timeout: Duration,
-    state: State,
-    /// The holder last logged while standing by, so it is said once.
-    seen_holder: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum State {
-    Standby {
-        next_try: Instant,
-    },
-    Active {
-        renewed: Instant,
-        next_renew: Instant,
-        fence_until: Instant,
-    },
-}
-
-impl Standing {
-    pub fn new(lease: Lease, request_timeout: Duration) -> Standing {
-        Standing {
-            lease,
-            request_timeout,
-            state: State::Standby {
-                next_try: Instant::now(),
-            },
-            seen_holder: None,
-        }
-    }
-
-    pub fn lease(&self) -> &Lease {
-        &self.lease
-    }
-
-    pub fn is_active(&self) -> bool {
-        matches!(self.state, State::Active { .. })
-    }
-
-    /// Whether requests may start now: active, past the fence, and renewed recently
-    /// enough that nobody else can hold the lease.
-    pub fn may_send(&self, now: Instant) -> bool {
-        match self.state {
-            State::Active {
-                renewed,
-                fence_until,
-                ..
-            } => now >= fence_until && now < renewed + self.lease.deadline(),
-            State::Standby { .. } => false,
-        }
-    }
-
-    /// The next moment [`Standing::step`] has something to do.
-    pub fn next_timer(&self, now: Instant) -> Instant {
-        match self.state {
-            State::Standby { next_try } => next_try,
-            State::Active {
-                renewed,
-                next_renew,
-                fence_until,
-            } => {
-                let deadline = renewed + self.lease.deadline();
-                let fence = Some(fence_until).filter(|t| *t > now);
-                [Some(next_renew), Some(deadline), fence]
-                    .into_iter()
-                    .flatten()
-                    .min()
-                    .unwrap_or(next_renew)
-            }
-        }
-    }
-
-    /// Takes, renews or gives up the lease as its timers say.
-    pub fn step(&mut self, redis: &mut Redis, names: &Names, now: Instant) -> Option<Change> {
-        match self.state {
-            State::Standby { next_try } if now >= next_try => self.try_take(redis, names, now),
-            State::Active { renewed, .. } if now >= renewed + self.lease.deadline() => {
-                let why = format!(
-                    "no renewal of the lease for {} s",
-                    now.duration_since(renewed).as_secs()
-                );
-                Some(self.step_down(now, why))
-            }
-            State::Active {
-                renewed,
-                next_renew,
-                fence_until,
-            } if now >= next_renew => match self.lease.renew(redis) {
-                Ok(true) => {
-                    self.state = State::Active {
-                        renewed: now,
-                        next_renew: now + self.lease.renew_every(),
-                        fence_until,
-                    };
-                    None
-                }
-                Ok(false) => {
-                    Some(self.step_down(now, "the lease is held by another instance".into()))
-                }
-                Err(e) => {
-                    log::warn!(error = e.to_string().as_str();
-                        "could not renew the lease; trying again");
-                    self.state = State::Active {
-                        renewed,
-                        next_renew: now + Duration::from_secs(1),
-                        fence_until,
-                    };
-                    None
-                }
-            },
-            _ => None,
-        }
-    }
-
-    fn try_take(&mut self, redis: &mut Redis, names: &Names, now: Instant) -> Option<Change> {
-        let retry = RETRY.min(self.lease.renew_every());
-        let taken = match self.lease.try_take(redis) {
-            Ok(taken) => taken,
-            Err(e) => {
-                log::warn!(error = e.to_string().as_str(); "could not ask Redis for the lease");
-                self.state = State::Standby {
-                    next_try: now + retry,
-                };
-                return None;
-            }
-        };
-        let fence = match &taken {
-            Taken::Held { holder, ttl_left } => {
-                if self.seen_holder.as_deref() != Some(holder.consumer.as_str()) {
-                    log::info!(holder = holder.consumer.as_str(), ttl_left_ms = ttl_left.as_millis() as u64;
-                        "standing by: another instance holds the lease and delivers");
-                    self.seen_holder = Some(holder.consumer.clone());
-                }
-                self.state = State::Standby {
-                    next_try: now + retry.min(*ttl_left + Duration::from_millis(20)),
-                };
-                return None;
-            }
-            Taken::Clean { .. } => Duration::ZERO,
-            // Nobody held it: wait out a previous holder's requests, if it left any
-            // entry pending (an entry in flight is always pending).
-            Taken::Absent => match others_pending(redis, names) {
-                Ok(false) => Duration::ZERO,
-                Ok(true) | Err(_) => {
-                    fence(self.lease.ttl, self.lease.deadline(), self.request_timeout)
-                }
-            },
-        };
-        self.seen_holder = None;
-        self.state = State::Active {
-            renewed: now,
-            next_renew: now + self.lease.renew_every(),
-            fence_until: now + fence,
-        };
-        Some(Change::Took { how: taken, fence })
-    }
-
-    fn step_down(&mut self, now: Instant, why: String) -> Change {
-        self.state = State::Standby {
-            next_try: now + RETRY.min(self.lease.renew_every()),
-        };
-        Change::SteppedDown { why }
-    }
-
-    /// XACK of `ids`, only while the lease is ours. False when it is not: the entries
-    /// stay pending for the new holder.
+    /// XACK of `ids`, only while the lease holds `value`. False when it does not: the
+    /// entries stay pending for the holder.
     pub fn ack(
         &self,
         redis: &mut Redis,
         names: &Names,
+        value: &str,
         ids: &[StreamId],
     ) -> Result<bool, RedisError> {
         if ids.is_empty() {
             return Ok(true);
         }
         let mut call = ACK_SCRIPT.prepare_invoke();
-        call.key(self.lease.key())
+        call.key(&self.key)
             .key(&names.stream)
-            .arg(self.lease.value())
+            .arg(value)
             .arg(&names.group);
         for id in ids {
             call.arg(id.to_string());
         }
         Ok(redis.invoke::<i64>(&call)? >= 0)
     }
+}
 
-    /// On a clean stop, once nothing is in flight: the lease is marked free, so a
-    /// standby takes over at once.
-    pub fn release(&mut self, redis: &mut Redis) {
-        if !self.is_active() {
-            return;
-        }
-        match self.lease.release(redis) {
-            Ok(true) => log::info!("lease released: a standby takes over at once"),
-            Ok(false) => {}
-            Err(e) => log::warn!(error = e.to_string().as_str();
-                "could not release the lease: a standby takes over once it expires"),
-        }
-        self.state = State::Standby {
-            next_try: Instant::now() + RETRY,
-        };
+/// This machine, as far as telling a restarted self from a twin needs: the kernel's boot
+/// ID and the hostname (two containers on one host share the boot ID, not the name).
+fn host_id() -> String {
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    let boot = read("/proc/sys/kernel/random/boot_id");
+    let name = read("/proc/sys/kernel/hostname");
+    if boot.is_empty() && name.is_empty() {
+        return String::new();
     }
+    format!("{boot}/{name}")
 }
 
 /// Makes every pending entry of the group this consumer's (see [`TAKE_OVER`]): returns
@@ -533,15 +485,6 @@ fn others_pending(redis: &mut Redis, names: &Names) -> Result<bool, RedisError> 
     }))
 }
 
-/// How long a new holder that found the lease absent waits before its first request,
-/// when other consumers hold pending entries: the previous holder's key expired at
-/// the latest when we took it, so its last renewal was at least one TTL earlier; it
-/// stopped starting requests a renewal deadline after that renewal, and a request it
-/// started then ends within the request timeout. Zero when that is already past.
-pub fn fence(ttl: Duration, deadline: Duration, request_timeout: Duration) -> Duration {
-    (deadline + request_timeout).saturating_sub(ttl)
-}
-
 /// Who holds the lease of `names` and for how long still, for `paheko-push check`.
 pub fn describe(
     redis: &mut Redis,
@@ -571,19 +514,6 @@ fn token() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_defaults_fence_a_takeover_by_the_request_timeout() {
-        let ttl = Duration::from_secs(15);
-        let deadline = ttl * 2 / 3;
-        // Lease 15 s, timeout 30 s: 10 + 30 - 15 = 25 s after taking an expired lease.
-        assert_eq!(
-            fence(ttl, deadline, Duration::from_secs(30)),
-            Duration::from_secs(25)
-        );
-        // A short request timeout: nothing left to wait.
-        assert_eq!(fence(ttl, deadline, Duration::from_secs(2)), Duration::ZERO);
-    }
 
     #[test]
     fn a_holder_is_read_from_json_or_taken_as_a_name() {

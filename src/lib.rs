@@ -17,6 +17,7 @@ pub mod budget;
 pub mod check;
 pub mod clock;
 pub mod config;
+pub mod core;
 pub mod dead;
 pub mod error;
 pub mod event;
@@ -153,7 +154,8 @@ pub fn run(config: Config) -> Result<(), Error> {
             reader::watch(open()?, &names, &stats, &shutdown);
         }
         Ok(plugin) => {
-            let (batches_tx, batches_rx) = crossbeam_channel::bounded(4);
+            let (read_ops_tx, read_ops_rx) = crossbeam_channel::unbounded();
+            let (reads_tx, reads_rx) = crossbeam_channel::unbounded();
             let (work_tx, work_rx) = crossbeam_channel::unbounded();
             let (done_tx, done_rx) = crossbeam_channel::unbounded();
             let agent = pusher::Pusher::agent(
@@ -161,17 +163,15 @@ pub fn run(config: Config) -> Result<(), Error> {
                 !config.allow_http,
                 config.plugin_ca.as_ref(),
             );
-            let breaker_signal = Arc::new(breaker::Signal::default());
+            let gate = Arc::new(pusher::Gate::default());
             let pusher = Arc::new(pusher::Pusher::new(
                 agent,
                 plugin.clone(),
                 Arc::clone(&stats),
                 shutdown.clone(),
-                Arc::clone(&breaker_signal),
+                Arc::clone(&gate),
             ));
             let liveness = watched_threads(&config);
-            let budget = Arc::new(budget::Budget::default());
-            let (roles_tx, roles_rx) = crossbeam_channel::unbounded();
             notify::watch_threads(Arc::clone(&liveness));
             let mut threads = Vec::new();
             for n in 0..config.concurrency {
@@ -182,30 +182,39 @@ pub fn run(config: Config) -> Result<(), Error> {
                 })?);
             }
             drop((work_rx, done_tx));
-            let acker = acker::Acker {
-                redis: open()?,
-                names: names.clone(),
-                claim_idle: config.claim_idle,
-                max_deliveries: config.max_deliveries,
+            let settings = core::Settings {
                 retry: config.retry,
                 dead_letter_statuses: config.dead_letter_statuses.clone(),
                 give_up_after_parks: config.give_up_after_parks,
                 breaker_threshold: config.breaker_threshold,
+                max_deliveries: config.max_deliveries,
                 window: 8 * config.concurrency,
+                lease_ttl: config.lease,
+                request_timeout: config.timeout,
+                max_held: budget::MAX_HELD,
+                max_held_bytes: budget::MAX_HELD_BYTES,
+                read_count: reader::COUNT,
+                seed: retry::Rng::from_entropy().next_u64(),
+                #[cfg(test)]
+                bugs: Default::default(),
+            };
+            let acker = acker::Acker {
+                redis: open()?,
+                lease: lease::Lease::new(&names, config.lease),
+                names: names.clone(),
+                core: core::Core::new(settings, std::time::Instant::now()),
                 stats: Arc::clone(&stats),
                 shutdown: shutdown.clone(),
                 beat: liveness.beat(0),
-                budget: Arc::clone(&budget),
-                standing: lease::Standing::new(
-                    lease::Lease::new(&names, config.lease),
-                    config.timeout,
-                ),
-                roles: roles_tx,
-                breaker_signal,
+                gate,
             };
-            threads.push(spawn("acker", move || {
-                acker.run(batches_rx, done_rx, work_tx)
-            })?);
+            let channels = acker::Channels {
+                read_ops: read_ops_tx,
+                reads: reads_rx,
+                work: work_tx,
+                done: done_rx,
+            };
+            threads.push(spawn("acker", move || acker.run(channels))?);
             let reader = reader::Reader {
                 redis: open()?,
                 names,
@@ -213,11 +222,9 @@ pub fn run(config: Config) -> Result<(), Error> {
                 claim_idle: config.claim_idle,
                 stats: Arc::clone(&stats),
                 shutdown: shutdown.clone(),
-                budget,
-                roles: roles_rx,
                 forget_consumers_after: config.forget_consumers_after,
             };
-            let reader = spawn("reader", move || reader.run(batches_tx))?;
+            let reader = spawn("reader", move || reader.run(read_ops_rx, reads_tx))?;
             for t in threads {
                 let _ = t.join();
             }

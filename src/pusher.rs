@@ -6,11 +6,11 @@
 //! pusher.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::breaker::Signal;
 use crate::config::{CaFile, Plugin};
 use crate::event::Event;
 use crate::notify::Beat;
@@ -105,15 +105,18 @@ pub enum Reply {
     NoAnswer(String),
     /// Not sent: the worker is stopping. The entry stays pending.
     NotSent,
-    /// Not sent: the breaker opened after the event was handed over. Back to the acker.
+    /// Not sent: its tenure ended, the lease may no longer be ours, or the breaker
+    /// opened after the event was handed over. Back to the acker.
     HeldBack,
 }
 
-/// One attempt handed to a pusher: the event, and whether it is the breaker's probe.
+/// One attempt handed to a pusher: the event, whether it is the breaker's probe, and
+/// the tenure it belongs to ([`crate::core`]).
 #[derive(Debug)]
 pub struct Attempt {
     pub event: Event,
     pub probe: bool,
+    pub tenure: u64,
 }
 
 /// One attempt's report to the acker.
@@ -122,6 +125,57 @@ pub struct Done {
     pub event: Event,
     pub reply: Reply,
     pub took: Duration,
+    pub tenure: u64,
+}
+
+/// What a pusher checks right before it starts a request; written by the acker alone
+/// ([`crate::core::Command::Gate`]). An attempt of a tenure that ended, one after the
+/// moment the lease may no longer be ours, or a non-probe while the breaker is open
+/// goes back unsent (issue 13, 9): queued attempts never outlive the tenure.
+#[derive(Debug)]
+pub struct Gate {
+    tenure: AtomicU64,
+    /// Milliseconds after `base` past which no request starts; 0: none may.
+    send_until_ms: AtomicU64,
+    breaker_open: AtomicBool,
+    base: Instant,
+}
+
+impl Default for Gate {
+    fn default() -> Gate {
+        Gate {
+            tenure: AtomicU64::new(0),
+            send_until_ms: AtomicU64::new(0),
+            breaker_open: AtomicBool::new(false),
+            base: Instant::now(),
+        }
+    }
+}
+
+impl Gate {
+    pub fn set(&self, tenure: u64, send_until: Option<Instant>, breaker_open: bool) {
+        // Rounded up: the coordinator decides on the exact moment, and an attempt it
+        // hands over just before must not come back unsent (it would be handed over
+        // again at once); the lease's last third is the margin.
+        let until = send_until.map_or(0, |t| {
+            let d = t.saturating_duration_since(self.base);
+            d.as_millis() as u64 + u64::from(d.subsec_nanos() % 1_000_000 != 0)
+        });
+        // The moment first, so a new tenure is never seen with an old moment.
+        self.send_until_ms.store(until, SeqCst);
+        self.breaker_open.store(breaker_open, SeqCst);
+        self.tenure.store(tenure, SeqCst);
+    }
+
+    /// Whether an attempt of `tenure` may start now.
+    pub fn may_start(&self, tenure: u64, probe: bool, now: Instant) -> bool {
+        let until = self.send_until_ms.load(SeqCst);
+        let now_ms = now.saturating_duration_since(self.base).as_millis() as u64;
+        tenure != 0
+            && self.tenure.load(SeqCst) == tenure
+            && now_ms < until
+            && (probe || !self.breaker_open.load(SeqCst))
+    }
 }
 
 pub struct Pusher {
@@ -129,7 +183,7 @@ pub struct Pusher {
     plugin: Plugin,
     stats: Arc<Stats>,
     shutdown: Shutdown,
-    breaker: Arc<Signal>,
+    gate: Arc<Gate>,
 }
 
 impl Pusher {
@@ -138,14 +192,14 @@ impl Pusher {
         plugin: Plugin,
         stats: Arc<Stats>,
         shutdown: Shutdown,
-        breaker: Arc<Signal>,
+        gate: Arc<Gate>,
     ) -> Pusher {
         Pusher {
             agent,
             plugin,
             stats,
             shutdown,
-            breaker,
+            gate,
         }
     }
 
@@ -188,12 +242,19 @@ impl Pusher {
 
     /// Runs a pusher until the work channel closes: one attempt per event received.
     pub fn run(&self, work: Receiver<Attempt>, done: Sender<Done>, beat: Beat) {
-        for Attempt { event, probe } in work {
+        for Attempt {
+            event,
+            probe,
+            tenure,
+        } in work
+        {
             beat.busy();
             let started = Instant::now();
+            #[cfg(debug_assertions)]
+            test_hooks::pause_before_send();
             let reply = if self.shutdown.is_stopping() {
                 Reply::NotSent
-            } else if !probe && self.breaker.is_open() {
+            } else if !self.gate.may_start(tenure, probe, Instant::now()) {
                 Reply::HeldBack
             } else {
                 let reply = self.post(&event);
@@ -202,7 +263,13 @@ impl Pusher {
             };
             let took = started.elapsed();
             beat.idle();
-            if done.send(Done { event, reply, took }).is_err() {
+            let done_now = Done {
+                event,
+                reply,
+                took,
+                tenure,
+            };
+            if done.send(done_now).is_err() {
                 return;
             }
         }
@@ -339,4 +406,20 @@ pub fn with_mozilla_roots_pem(pem: &[u8]) -> Vec<u8> {
         out.extend_from_slice(b"-----END CERTIFICATE-----\n");
     }
     out
+}
+
+/// What the integration tests need to fake a fault that cannot be caused from outside;
+/// compiled in debug builds only, and inert unless the variable is set.
+#[cfg(debug_assertions)]
+mod test_hooks {
+    /// `__PAHEKO_PUSH_TEST_PUSHER_DELAY_MS=N`: a pusher waits N ms between taking an
+    /// attempt and checking the gate, as a pusher descheduled for that long would; the
+    /// step-down test uses it to show queued attempts are revoked (issue 13, 9).
+    pub fn pause_before_send() {
+        if let Some(ms) = std::env::var_os("__PAHEKO_PUSH_TEST_PUSHER_DELAY_MS")
+            .and_then(|v| v.to_str().and_then(|s| s.parse::<u64>().ok()))
+        {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+    }
 }

@@ -67,7 +67,7 @@ pub fn refusal_meaning(status: u16) -> &'static str {
 /// The wait a `Retry-After` header asks for: delay-seconds, or an HTTP date in any of
 /// the three forms a recipient must accept (IMF-fixdate, RFC 850, asctime; RFC 9110
 /// §5.6.7), read by the `httpdate` crate. A date in the past means now.
-fn retry_after_for(status: u16, header: Option<&str>, now_unix: u64) -> Option<Duration> {
+pub fn retry_after_for(status: u16, header: Option<&str>, now_unix: u64) -> Option<Duration> {
     if status != 429 && status != 503 {
         return None;
     }
@@ -96,22 +96,67 @@ impl RetryConfig {
     /// The wait before the next attempt: the plugin's `Retry-After` when it gave one
     /// (kept as asked, within the cap, so "come back tomorrow" does not stall a lane for
     /// a day), else our own backoff spread by [`jitter`].
-    pub fn delay_for(&self, failed_attempts: u32, retry_after: Option<Duration>) -> Duration {
-        match retry_after {
+    /// Never shorter than [`MIN_DELAY`].
+    pub fn delay_for(
+        &self,
+        failed_attempts: u32,
+        retry_after: Option<Duration>,
+        unit: f64,
+    ) -> Duration {
+        let delay = match retry_after {
             Some(asked) => asked.min(self.max_backoff),
-            None => jitter(self.delay_after(failed_attempts)),
-        }
+            None => jitter(self.delay_after(failed_attempts), unit),
+        };
+        delay.max(MIN_DELAY)
     }
 }
 
-/// `d` spread by ±10 %, so that events (and the probes of several instances) do not
-/// fall into step.
-pub fn jitter(d: Duration) -> Duration {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
-    let unit = (h.finish() % 2001) as f64 / 1000.0 - 1.0;
-    d.mul_f64(1.0 + 0.1 * unit)
+/// `d` spread by ±10 % (`unit` is in -1..=1, from [`Rng::unit`]), so that events (and
+/// the probes of several instances) do not fall into step.
+pub fn jitter(d: Duration, unit: f64) -> Duration {
+    d.mul_f64(1.0 + 0.1 * unit.clamp(-1.0, 1.0))
+}
+
+/// The shortest wait before another attempt of a ticket, whatever `Retry-After` or
+/// PAHEKO_PUSH_BACKOFF_SECONDS say: `Retry-After: 0` retried one ticket 20,461 times in
+/// 5 s (issue 13, 4).
+pub const MIN_DELAY: Duration = Duration::from_millis(100);
+
+/// A small seeded generator (splitmix64) for the jitter: the coordinator reads no
+/// clock and no system randomness, so a simulation seed replays exactly.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    /// The system's randomness, for a real run.
+    pub fn from_entropy() -> Rng {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(Instant::now().elapsed().as_nanos());
+        Rng(h.finish())
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in -1..=1.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() % 2001) as f64 / 1000.0 - 1.0
+    }
+
+    /// Uniform in 0..n (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
 }
 
 /// When a ticket is given up on (§3 of issue 8): a *round* is MAX_RETRIES transient
@@ -135,6 +180,9 @@ pub struct Tries {
     pub alone_rounds: u32,
     /// The plugin's acceptances (all tickets) when the current round began.
     pub accepted_at_round_start: u64,
+    /// The plugin's acceptances when it last refused this ticket with a status that
+    /// may be plugin-wide (3xx, unlisted 4xx); see [`crate::core`].
+    pub refused_at: Option<u64>,
 }
 
 /// The acker's next step for a ticket after a transient failure.
@@ -152,6 +200,7 @@ impl Tries {
             failed: 0,
             alone_rounds: 0,
             accepted_at_round_start: accepted,
+            refused_at: None,
         }
     }
 
@@ -163,6 +212,7 @@ impl Tries {
         give_up_after: u32,
         accepted: u64,
         retry_after: Option<Duration>,
+        unit: f64,
     ) -> Next {
         self.failed = self.failed.saturating_add(1);
         let round_ended = self.failed.is_multiple_of(policy.max_attempts);
@@ -182,7 +232,7 @@ impl Tries {
             }
         }
         Next::Retry {
-            after: policy.delay_for(in_round, retry_after),
+            after: policy.delay_for(in_round, retry_after, unit),
             parked: round_ended,
         }
     }
@@ -302,21 +352,30 @@ mod tests {
     fn retry_after_is_capped() {
         let p = policy();
         assert_eq!(
-            p.delay_for(1, Some(Duration::from_secs(86_400))),
+            p.delay_for(1, Some(Duration::from_secs(86_400)), 0.0),
             Duration::from_secs(300)
         );
         assert_eq!(
-            p.delay_for(3, Some(Duration::from_secs(2))),
+            p.delay_for(3, Some(Duration::from_secs(2)), 0.0),
             Duration::from_secs(2)
         );
-        let jittered = p.delay_for(3, None).as_secs_f64();
+        let jittered = p.delay_for(3, None, Rng::new(7).unit()).as_secs_f64();
         assert!((3.6..=4.4).contains(&jittered), "{jittered}");
     }
 
     #[test]
+    fn a_zero_wait_is_floored() {
+        let mut p = policy();
+        assert_eq!(p.delay_for(1, Some(Duration::ZERO), 0.0), MIN_DELAY);
+        p.backoff = Duration::ZERO;
+        assert_eq!(p.delay_for(4, None, 1.0), MIN_DELAY);
+    }
+
+    #[test]
     fn jitter_stays_within_ten_percent() {
+        let mut rng = Rng::new(1);
         for _ in 0..100 {
-            let j = jitter(Duration::from_secs(10)).as_secs_f64();
+            let j = jitter(Duration::from_secs(10), rng.unit()).as_secs_f64();
             assert!((9.0..=11.0).contains(&j), "{j}");
         }
     }
@@ -324,11 +383,12 @@ mod tests {
     /// Fails `rounds` full rounds; `others` tickets are accepted during each.
     fn fail_rounds(t: &mut Tries, give_up: u32, rounds: u32, others: u64) -> Vec<Next> {
         let p = policy();
+        let mut rng = Rng::new(u64::from(rounds));
         let mut accepted = t.accepted_at_round_start;
         let mut out = Vec::new();
         for _ in 0..rounds * p.max_attempts {
             accepted += others;
-            out.push(t.failed(&p, give_up, accepted, None));
+            out.push(t.failed(&p, give_up, accepted, None, rng.unit()));
         }
         out
     }

@@ -561,7 +561,11 @@ pub fn read_pending(
         .arg(&names.consumer)
         .arg(start)
         .arg(count);
-    let reply: Value = redis.invoke(&call)?;
+    pending_rows(redis.invoke(&call)?)
+}
+
+/// Rows of `{id, deliveries, fields or false}` as pending entries.
+fn pending_rows(reply: Value) -> Result<Vec<PendingEntry>, RedisError> {
     let Value::Array(rows) = reply else {
         return Err(unexpected(format!("the pending script answered {reply:?}")));
     };
@@ -630,6 +634,8 @@ pub enum DeadLettered {
     /// Not pending for the group (any more): nothing was written. A repeat of a move
     /// whose answer was lost, or an entry another instance settled.
     WasNotPending,
+    /// The lease holds another value: nothing was written, the entry is the holder's.
+    NotHolder,
 }
 
 /// Moves an entry to the dead letters: XPENDING checks it is still pending for the
@@ -641,8 +647,9 @@ pub enum DeadLettered {
 static DEAD_LETTER: LazyLock<Script> = LazyLock::new(|| Script::new(DEAD_LETTER_LUA));
 
 const DEAD_LETTER_LUA: &str = r#"
-local stream, dead = KEYS[1], KEYS[2]
+local stream, dead, lease = KEYS[1], KEYS[2], KEYS[3]
 local group, id = ARGV[1], ARGV[2]
+if redis.call('GET', lease) ~= ARGV[3] then return -1 end
 local ok, pending = pcall(redis.call, 'XPENDING', stream, group, id, id, 1)
 if not ok then
   if string.sub(pending.err or '', 1, 7) == 'NOGROUP' then return 0 end
@@ -650,25 +657,30 @@ if not ok then
 end
 if #pending == 0 then return 0 end
 local add = {'XADD', dead, '*'}
-for i = 3, #ARGV do add[#add + 1] = ARGV[i] end
+for i = 4, #ARGV do add[#add + 1] = ARGV[i] end
 redis.call(unpack(add))
 redis.call('XACK', stream, group, id)
 return 1
 "#;
 
-/// Moves an entry to the dead-letter stream, once; see [`DEAD_LETTER`]. On an error
-/// nothing was written and the entry is still pending: try again.
+/// Moves an entry to the dead-letter stream, once, while the lease at `lease_key` holds
+/// `lease_value`; see [`DEAD_LETTER`]. On an error nothing was written and the entry is
+/// still pending: try again.
 pub fn dead_letter(
     redis: &mut Redis,
     names: &Names,
+    lease_key: &str,
+    lease_value: &str,
     dead: &DeadLetter,
 ) -> Result<DeadLettered, RedisError> {
     let id = dead.id.to_string();
     let mut call = DEAD_LETTER.prepare_invoke();
     call.key(&names.stream)
         .key(&names.dead_letters)
+        .key(lease_key)
         .arg(&names.group)
-        .arg(&id);
+        .arg(&id)
+        .arg(lease_value);
     for (name, value) in &dead.fields {
         call.arg(name.as_slice()).arg(value.as_slice());
     }
@@ -683,10 +695,132 @@ pub fn dead_letter(
     for (name, value) in DEAD_LETTER_FIELDS.iter().zip(values) {
         call.arg(*name).arg(value);
     }
-    match redis.invoke::<i64>(&call)? {
-        1 => Ok(DeadLettered::Moved),
-        _ => Ok(DeadLettered::WasNotPending),
+    Ok(moved(redis.invoke::<i64>(&call)?))
+}
+
+fn moved(answer: i64) -> DeadLettered {
+    match answer {
+        1 => DeadLettered::Moved,
+        -1 => DeadLettered::NotHolder,
+        _ => DeadLettered::WasNotPending,
     }
+}
+
+/// Records an entry that vanished from the stream while pending (trimmed by the
+/// producer's MAXLEN after it was read) as one `trimmed` dead letter — count 1, its ID
+/// — and acknowledges it, while the lease holds ARGV[2]. Once per ID: the set KEYS[5]
+/// remembers the IDs recorded, so a repeat after a lost answer writes nothing twice.
+/// The record is written even when Redis already dropped the entry from the pending
+/// list (XAUTOCLAIM does so with deleted entries): it is the only trace left.
+static VANISHED: LazyLock<Script> = LazyLock::new(|| Script::new(VANISHED_LUA));
+
+const VANISHED_LUA: &str = r#"
+local stream, dead, lease, trimmed, recorded = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local group, value, id, dead_at = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if redis.call('GET', lease) ~= value then return -1 end
+if redis.call('SISMEMBER', recorded, id) == 1 then
+  redis.call('XACK', stream, group, id)
+  return 0
+end
+local detail = 'entry ' .. id .. ' was read but trimmed from ' .. stream ..
+  ' (MAXLEN) before it was delivered: it never reached Paheko and cannot be replayed'
+local record = redis.call('XADD', dead, '*', 'count', 1, 'after_id', id, 'before_id', id,
+  'original_id', id, 'reason', 'trimmed', 'status', '', 'attempts', 0, 'dead_at', dead_at,
+  'detail', detail)
+redis.call('SADD', trimmed, record)
+redis.call('SADD', recorded, id)
+redis.call('XACK', stream, group, id)
+return 1
+"#;
+
+/// The set of entry IDs recorded as vanished ([`record_vanished`]).
+pub fn vanished_key(dead_letters: &str) -> String {
+    format!("{dead_letters}:vanished")
+}
+
+/// See [`VANISHED`].
+pub fn record_vanished(
+    redis: &mut Redis,
+    names: &Names,
+    lease_key: &str,
+    lease_value: &str,
+    id: StreamId,
+) -> Result<DeadLettered, RedisError> {
+    let mut call = VANISHED.prepare_invoke();
+    call.key(&names.stream)
+        .key(&names.dead_letters)
+        .key(lease_key)
+        .key(trimmed_key(&names.dead_letters))
+        .key(vanished_key(&names.dead_letters))
+        .arg(&names.group)
+        .arg(lease_value)
+        .arg(id.to_string())
+        .arg(crate::clock::rfc3339(std::time::SystemTime::now()));
+    Ok(moved(redis.invoke::<i64>(&call)?))
+}
+
+/// Takes over up to ARGV[4] entries of *other* consumers idle longer than ARGV[3] ms
+/// (a tool's, or a worker's that is not paheko-push; the standbys read nothing, and a
+/// new holder takes every pending entry over at once). This consumer's own entries are
+/// never claimed here: a lane may have left some in Redis on purpose (the budget).
+/// Entries gone from the stream are not claimed — XCLAIM would drop them from the
+/// pending list unseen — but returned, to be recorded. Returns {{id, deliveries,
+/// fields}...}, {gone ids}.
+static CLAIM_IDLE: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM_IDLE_LUA));
+
+const CLAIM_IDLE_LUA: &str = r#"
+local stream = KEYS[1]
+local group, consumer, idle, count = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local out, gone, start = {}, {}, '-'
+while #out + #gone < count do
+  local rows = redis.call('XPENDING', stream, group, 'IDLE', idle, start, '+', 1000)
+  if #rows == 0 then break end
+  for _, row in ipairs(rows) do
+    if row[2] ~= consumer and #out + #gone < count then
+      local found = redis.call('XRANGE', stream, row[1], row[1])
+      if #found == 0 then
+        table.insert(gone, row[1])
+      else
+        local claimed = redis.call('XCLAIM', stream, group, consumer, idle, row[1])
+        if #claimed == 1 then
+          table.insert(out, {row[1], row[4] + 1, claimed[1][2]})
+        end
+      end
+    end
+  end
+  if #rows < 1000 then break end
+  start = '(' .. rows[#rows][1]
+end
+return {out, gone}
+"#;
+
+/// See [`CLAIM_IDLE`]: the entries taken over, with their delivery counts, and the IDs
+/// of those gone from the stream.
+pub fn claim_idle(
+    redis: &mut Redis,
+    names: &Names,
+    min_idle: Duration,
+    count: usize,
+) -> Result<(Vec<PendingEntry>, Vec<StreamId>), RedisError> {
+    let mut call = CLAIM_IDLE.prepare_invoke();
+    call.key(&names.stream)
+        .arg(&names.group)
+        .arg(&names.consumer)
+        .arg(min_idle.as_millis() as u64)
+        .arg(count);
+    let reply: Value = redis.invoke(&call)?;
+    let Value::Array(mut parts) = reply else {
+        return Err(unexpected(format!("the claim script answered {reply:?}")));
+    };
+    let gone = match parts.pop() {
+        Some(Value::Array(ids)) => ids.iter().map(id_of).collect::<Result<Vec<_>, _>>()?,
+        other => return Err(unexpected(format!("the claim script answered {other:?}"))),
+    };
+    let rows = match parts.pop() {
+        Some(rows) => rows,
+        None => return Err(unexpected("the claim script answered nothing".into())),
+    };
+    Ok((pending_rows(rows)?, gone))
 }
 
 /// Entries the group has read and not acknowledged; 0 when the group does not exist.
@@ -833,135 +967,6 @@ fn count_recorded(
         redis.query::<u64>(&srem)?;
     }
     Ok((recorded.len() - gone.len()) as u64)
-}
-
-/// What one XAUTOCLAIM round took over.
-#[derive(Debug, Default)]
-pub struct Claimed {
-    pub entries: Vec<Entry>,
-    /// Pending entries that no longer exist in the stream (trimmed or deleted before
-    /// delivery); Redis 7 drops them from the pending list and reports them here.
-    pub vanished: Vec<StreamId>,
-    /// Where the next round starts; `0-0` when the pending list was scanned to its end.
-    pub next: StreamId,
-}
-
-/// XAUTOCLAIM: takes over up to `count` entries of any consumer of the group that have
-/// been idle for `min_idle`, starting at `start`.
-pub fn autoclaim(
-    redis: &mut Redis,
-    names: &Names,
-    min_idle: Duration,
-    start: StreamId,
-    count: usize,
-) -> Result<Claimed, RedisError> {
-    parse_claimed(redis.query(&autoclaim_cmd(names, min_idle, start, count))?)
-}
-
-fn autoclaim_cmd(names: &Names, min_idle: Duration, start: StreamId, count: usize) -> redis::Cmd {
-    let mut cmd = redis::cmd("XAUTOCLAIM");
-    cmd.arg(&names.stream)
-        .arg(&names.group)
-        .arg(&names.consumer)
-        .arg(min_idle.as_millis() as u64)
-        .arg(start.to_string())
-        .arg("COUNT")
-        .arg(count);
-    cmd
-}
-
-fn parse_claimed(reply: Value) -> Result<Claimed, RedisError> {
-    let Value::Array(mut parts) = reply else {
-        return Err(unexpected(format!("XAUTOCLAIM answered {reply:?}")));
-    };
-    let vanished = if parts.len() == 3 { parts.pop() } else { None };
-    let entries = parts.pop().unwrap_or(Value::Nil);
-    let next = match parts.pop() {
-        Some(Value::BulkString(b)) => String::from_utf8_lossy(&b).parse().map_err(unexpected)?,
-        other => return Err(unexpected(format!("XAUTOCLAIM cursor {other:?}"))),
-    };
-    let entries = crate::event::entries_from(entries).map_err(unexpected)?;
-    let vanished = match vanished {
-        Some(Value::Array(ids)) => ids
-            .into_iter()
-            .filter_map(|v| match v {
-                Value::BulkString(b) => String::from_utf8_lossy(&b).parse().ok(),
-                _ => None,
-            })
-            .collect(),
-        _ => Vec::new(),
-    };
-    Ok(Claimed {
-        entries,
-        vanished,
-        next,
-    })
-}
-
-/// The reader's periodic round, in one round trip (every reply is a wake-up of an
-/// otherwise idle worker): the first XAUTOCLAIM of entries idle longer than
-/// `min_idle`, and the figures of [`queue_stats`].
-pub fn housekeeping(
-    redis: &mut Redis,
-    names: &Names,
-    min_idle: Duration,
-    count: usize,
-) -> Result<(Claimed, QueueStats), RedisError> {
-    let mut pipe = redis::pipe();
-    pipe.add_command(autoclaim_cmd(names, min_idle, StreamId::default(), count));
-    add_stats_cmds(&mut pipe, names);
-    let mut replies: Vec<Value> = redis.query_pipeline(&pipe)?;
-    if replies.len() != 1 + STATS_CMDS {
-        return Err(unexpected(format!(
-            "expected {} replies, got {replies:?}",
-            1 + STATS_CMDS
-        )));
-    }
-    let stats = parse_stats(redis, names, &replies[1..])?;
-    let claimed = parse_claimed(replies.swap_remove(0))?;
-    Ok((claimed, stats))
-}
-
-/// How many times each of this consumer's pending entries from `from` to `to` has
-/// been delivered, as XPENDING's extended form reports it.
-pub fn delivery_counts(
-    redis: &mut Redis,
-    names: &Names,
-    from: StreamId,
-    to: StreamId,
-    count: usize,
-) -> Result<HashMap<StreamId, u64>, RedisError> {
-    let mut cmd = redis::cmd("XPENDING");
-    cmd.arg(&names.stream)
-        .arg(&names.group)
-        .arg(from.to_string())
-        .arg(to.to_string())
-        .arg(count)
-        .arg(&names.consumer);
-    let rows: Vec<(String, String, u64, u64)> = redis.query(&cmd)?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|(id, _, _, deliveries)| Some((id.parse().ok()?, deliveries)))
-        .collect())
-}
-
-/// Resets the idle time of entries this worker holds (XCLAIM … JUSTID, which leaves
-/// their delivery count alone), so another instance never takes over an entry that
-/// is in flight or parked here.
-pub fn touch(redis: &mut Redis, names: &Names, ids: &[StreamId]) -> Result<(), RedisError> {
-    for chunk in ids.chunks(512) {
-        let mut cmd = redis::cmd("XCLAIM");
-        cmd.arg(&names.stream)
-            .arg(&names.group)
-            .arg(&names.consumer)
-            .arg(0);
-        for id in chunk {
-            cmd.arg(id.to_string());
-        }
-        cmd.arg("JUSTID");
-        redis.query::<Value>(&cmd)?;
-    }
-    Ok(())
 }
 
 /// The group's lag: entries the stream received that the group has not read yet. From
