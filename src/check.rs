@@ -105,6 +105,15 @@ pub fn main(args: &[String], config: impl FnOnce() -> Result<Config, Error>) -> 
     }
 }
 
+/// "1 entry", "2 entries".
+fn entries(n: u64) -> String {
+    if n == 1 {
+        "1 entry".into()
+    } else {
+        format!("{n} entries")
+    }
+}
+
 /// "1 consumer", "2 consumers".
 pub fn plural(n: u64, noun: &str) -> String {
     if n == 1 {
@@ -223,7 +232,11 @@ fn redis_checks(config: &Config) -> Vec<Line> {
         Ok(_) => {
             let length: Result<u64, _> = redis.query(redis::cmd("XLEN").arg(stream));
             match length {
-                Ok(n) => lines.push(line(Status::Ok, "stream", format!("{stream}: {n} entries"))),
+                Ok(n) => lines.push(line(
+                    Status::Ok,
+                    "stream",
+                    format!("{stream}: {}", entries(n)),
+                )),
                 Err(e) => lines.push(line(Status::Fail, "stream", format!("{stream}: {e}"))),
             }
             lines.push(group_check(&mut redis, config));
@@ -239,7 +252,10 @@ fn redis_checks(config: &Config) -> Vec<Line> {
         (Ok(n), Ok(0)) => line(
             Status::Warn,
             "dead letters",
-            format!("{dead}: {n} events the plugin refused (see `paheko-push dead list`)"),
+            format!(
+                "{dead}: {} the plugin refused (see `paheko-push dead list`)",
+                plural(n, "event")
+            ),
         ),
         (Ok(n), Ok(t)) => line(
             Status::Warn,
