@@ -118,8 +118,11 @@ pub fn judge(code: u16, body: &str) -> Verdict {
             })
             .unwrap_or_default();
         why.push(format!(
-            "Paheko does not answer{since}, {} failed attempts in a row; tickets wait in Redis",
-            field("consecutive_failures")
+            "Paheko does not answer{since}, {} in a row; tickets wait in Redis",
+            crate::check::plural(
+                doc["consecutive_failures"].as_u64().unwrap_or(0),
+                "failed attempt"
+            )
         ));
     }
     if doc["redis"] == "error" {
@@ -130,8 +133,8 @@ pub fn judge(code: u16, body: &str) -> Verdict {
     }
     if doc["lost_to_trim"].as_u64().unwrap_or(0) > 0 {
         why.push(format!(
-            "{} tickets were trimmed before they were read (paheko-push dead list)",
-            field("lost_to_trim")
+            "{} trimmed before they were read (paheko-push dead list)",
+            crate::check::plural(doc["lost_to_trim"].as_u64().unwrap_or(0), "ticket")
         ));
     }
     if doc["backlog_warning"] == true {
