@@ -1265,3 +1265,28 @@ fn the_compose_file_is_valid_and_podman_compose_runs_it_on_recycliques_network()
     }
     assert!(!run.contains("--healthcheck-command"), "{run}");
 }
+
+/// Issue 14: the plugin's path was /push in one file and /push.php in another. The
+/// real plugin answers at /p/recyclique/; every example says so.
+#[test]
+fn the_plugin_url_is_the_same_in_every_example() {
+    for file in [
+        ".env.example",
+        "deploy/compose.yaml",
+        "docs/systemd.md",
+        "README.md",
+    ] {
+        let text = fs::read_to_string(Path::new(ROOT).join(file)).unwrap();
+        assert!(text.contains("/p/recyclique/"), "{file}");
+        for other in ["push.php", "/p/recyclique/push"] {
+            assert!(!text.contains(other), "{file} says {other}");
+        }
+    }
+    let example = fs::read_to_string(Path::new(ROOT).join(".env.example")).unwrap();
+    assert!(
+        example
+            .lines()
+            .any(|l| l == "PAHEKO_PLUGIN_URL=https://paheko.example.org/p/recyclique/"),
+        "{example}"
+    );
+}
