@@ -130,7 +130,11 @@ pub fn run(config: &Config) -> Vec<Line> {
         Err(_) => "-",
     };
     let mut lines = vec![line(
-        Status::Ok,
+        if config.source.unreadable.is_some() {
+            Status::Warn
+        } else {
+            Status::Ok
+        },
         "configuration",
         format!(
             "from {}: stream {}, group {}, consumer {}, auth {auth}",

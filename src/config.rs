@@ -69,12 +69,21 @@ pub struct Source {
     /// The secret file paired with it (`secret` beside `paheko-push.env`, `SHOP.secret`
     /// beside `SHOP.env`), when the configuration named no secret itself.
     pub secret_file: Option<PathBuf>,
+    /// The package's file, which would have been read but this user may not read.
+    pub unreadable: Option<PathBuf>,
 }
 
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (&self.file, &self.secret_file) {
-            (None, _) => f.write_str("the environment"),
+            (None, _) => match &self.unreadable {
+                None => f.write_str("the environment"),
+                Some(p) => write!(
+                    f,
+                    "the environment alone ({} is there, but this user may not read it: run as root)",
+                    p.display()
+                ),
+            },
             (Some(file), None) => write!(f, "{}", file.display()),
             (Some(file), Some(secret)) => {
                 write!(f, "{} and the secret {}", file.display(), secret.display())
@@ -114,6 +123,7 @@ impl Raw {
             (k.starts_with("REDIS_") || k.starts_with("PAHEKO_")) && k != "PAHEKO_PUSH_ENV_FILE"
         });
         let dotenv = dir.join(".env");
+        let mut unreadable = None;
         let (file, pairs) = if let Some(named) = named {
             if !named.is_file() {
                 return Err(err(
@@ -126,12 +136,23 @@ impl Raw {
             (Some(dotenv), false)
         } else {
             match package {
-                Some(p) if !configured && p.is_file() => (Some(p.to_path_buf()), true),
+                // A user the package's file (root's, 0640) is not for, such as a
+                // monitoring script's, goes on with the environment alone, told so.
+                Some(p) if !configured && p.is_file() => match std::fs::File::open(p) {
+                    Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                        unreadable = Some(p.to_path_buf());
+                        (None, false)
+                    }
+                    _ => (Some(p.to_path_buf()), true),
+                },
                 _ => (None, false),
             }
         };
         let mut vars: HashMap<String, String> = HashMap::new();
-        let mut source = Source::default();
+        let mut source = Source {
+            unreadable,
+            ..Source::default()
+        };
         if let Some(file) = &file {
             let shown = file.display().to_string();
             let text = std::fs::read_to_string(file).map_err(|e| {

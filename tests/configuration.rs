@@ -377,3 +377,59 @@ fn check_health_and_dead_read_the_packages_env_file_and_its_secret() {
     );
     drop(worker);
 }
+
+/// A user the package's file is not for (root's, 0640), such as a monitoring script
+/// running `paheko-push health`, goes on with the environment alone, and `check` says
+/// why it did not read the file. Run as root in namespaces of its own: an empty /etc
+/// holding the package's file, and a network where nothing answers (the defaults then
+/// reach no one's Redis), as the user nobody.
+#[test]
+fn a_user_who_may_not_read_the_packages_file_is_told_and_goes_on_without_it() {
+    // SAFETY: geteuid takes nothing and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        crate::packaging::skip("the unreadable package file test: it needs root");
+        return;
+    }
+    let (Some(unshare), Some(setpriv)) = (
+        crate::packaging::need("unshare", "util-linux"),
+        crate::packaging::need("setpriv", "util-linux"),
+    ) else {
+        return;
+    };
+    let cwd = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        cwd.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let script = r#"set -e
+mount -t tmpfs tmpfs /etc
+mkdir /etc/paheko-push
+echo REDIS_URL=redis://127.0.0.1:1/0 > /etc/paheko-push/paheko-push.env
+chmod 0640 /etc/paheko-push/paheko-push.env
+ip link set lo up 2>/dev/null || true
+cd "$WORKDIR"
+exec env -u WORKDIR "$SETPRIV" --reuid=65534 --regid=65534 --clear-groups "$BIN" check"#;
+    let out = crate::packaging::output(
+        std::process::Command::new(unshare)
+            .args(["-m", "-n", "sh", "-c", script])
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("WORKDIR", cwd.path())
+            .env("SETPRIV", setpriv)
+            .env("BIN", BIN),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stdout.starts_with(
+            "warn  configuration from the environment alone (/etc/paheko-push/paheko-push.env \
+             is there, but this user may not read it: run as root)"
+        ),
+        "{out:?}"
+    );
+    assert!(
+        stdout.contains("redis://127.0.0.1:6379/0"),
+        "the defaults, not the file: {out:?}"
+    );
+}
