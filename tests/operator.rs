@@ -130,6 +130,27 @@ fn a_signed_ping_carries_the_signature_and_not_the_secret() {
         warning.contains("the secret never travels") && warning.contains("replayed"),
         "{warning}"
     );
+    // The worker says it too, once, at start-up, and delivers.
+    let worker = Worker::spawn(env_with(
+        base_env(&redis, &sink),
+        [
+            ("PAHEKO_PLUGIN_SECRET", "whsec_c2VjcmV0LWtleS1mb3ItdGVzdHM="),
+            ("PAHEKO_PUSH_AUTH", "signature"),
+            ("PAHEKO_PUSH_ALLOW_HTTP", ""),
+        ],
+    ));
+    let said = worker.wait_for_log("the plain-http warning", T, |l| {
+        l["level"] == "warn"
+            && l["msg"]
+                .as_str()
+                .is_some_and(|m| m.contains("every ticket does"))
+    });
+    assert!(said["msg"].as_str().unwrap().contains("replayed"), "{said}");
+    let mut conn = redis.conn();
+    publish_ticket(&mut conn, "cs-1", "sale-1");
+    wait_until("delivered over plain http with signatures", T, || {
+        pending_count(&mut conn, STREAM, GROUP) == 0
+    });
 }
 
 #[test]
