@@ -158,7 +158,7 @@ const USAGE: &str = "usage: paheko-push [run]
        paheko-push help [COMMAND] | --version
 Delivers RecyClique's cash events from Redis to the Paheko plugin.
   run     the worker (the default)
-  check   checks the configuration, Redis and the plugin, and posts a ping; changes nothing
+  check   checks the configuration, Redis, the plugin and its secret (a ping); changes nothing
   health  asks the running worker for its /health; exit 0 when it is ok
   dead    the dead letters: list, show, replay, drop
 Configuration comes from the environment, completed by PAHEKO_PUSH_ENV_FILE or ./.env;
