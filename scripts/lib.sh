@@ -86,11 +86,18 @@ apt_install() {
 # What the packaging tests use (tests/packaging.rs, receiver.rs, alerts.rs): dpkg-deb and
 # lintian for the .deb, systemd-analyze for its units, file/ldd/unshare/chroot for the
 # static binary, podman for the image, promtool for the alert rules, nginx + php-fpm +
-# PDO/SQLite for the reference receiver. php-fpm is installed as php-fpm8.x.
+# PDO/SQLite for the reference receiver, docker-compose (its schema), podman-compose and
+# python3-jsonschema for deploy/compose.yaml. php-fpm is installed as php-fpm8.x.
 ensure_packaging_tools() {
   ensure_commands dpkg-deb:dpkg lintian:lintian systemd-analyze:systemd file:file \
-    unshare:util-linux chroot:coreutils podman:podman promtool:prometheus nginx:nginx \
-    php:php-cli
+    unshare:util-linux setpriv:util-linux chroot:coreutils podman:podman \
+    promtool:prometheus nginx:nginx php:php-cli docker-compose:docker-compose \
+    podman-compose:podman-compose
+  # The compose file's schema check: Debian's python3 with its jsonschema and yaml, and
+  # the Compose specification's schema that Debian's docker-compose package ships.
+  if ! /usr/bin/python3 -c 'import jsonschema, yaml' >/dev/null 2>&1; then
+    apt_install python3-jsonschema python3-yaml
+  fi
   if ! ls /usr/sbin/php-fpm* >/dev/null 2>&1; then
     ensure_commands php-fpm:php-fpm
   fi

@@ -1,14 +1,18 @@
 //! `paheko-push check`: what an operator runs after installing or changing the
-//! configuration, before (or beside) the service. It validates the configuration, pings
-//! Redis, reports the stream, the consumer group with its backlog (the `lag` of XINFO
-//! GROUPS) and pending count, and the dead letters (and among them the records of
-//! tickets trimmed before they were read), says when the Redis version cannot count
-//! such losses (before 7) or is too old to run with (before 6.2), and opens a TLS
-//! connection to the plugin's host to verify its certificate against the roots the
-//! worker trusts — without posting anything, reading nothing from the stream and
-//! changing nothing in Redis. One
-//! line per check on stdout (`ok`, `warn`, `FAIL` or `skip`), secrets redacted; exit 0
-//! when nothing failed, 1 otherwise, 2 for a configuration error.
+//! configuration, before (or beside) the service. It says where the configuration came
+//! from, validates it, pings Redis, reports the stream, the consumer group with its
+//! backlog (the `lag` of XINFO GROUPS) and pending count, the lease and the dead letters
+//! (and among them the records of tickets trimmed before they were read), says when the
+//! Redis version cannot count such losses (before 7) or is too old to run with (before
+//! 6.2), opens a TLS connection to the plugin's host to verify its certificate against
+//! the roots the worker trusts, and ends with a round trip: a `ping` event, sent with
+//! the headers of a ticket, which a plugin that knows it answers 2xx without storing
+//! anything (issue 14). A 401/403 fails the check (the plugin refuses the secret, as it
+//! would every ticket), a 404 too (no plugin at that URL); any other answer is a
+//! warning that the secret could not be verified. It reads nothing from the stream and
+//! changes nothing in Redis. One line per check on stdout (`ok`, `warn`, `FAIL` or
+//! `skip`), secrets and URLs' secret parts masked; exit 0 when nothing failed, 1
+//! otherwise (with a last line saying which checks failed), 2 for a configuration error.
 
 use std::fmt;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -23,8 +27,9 @@ use crate::logging::Redactor;
 use crate::store::{self, Redis, Support};
 
 pub const USAGE: &str = "usage: paheko-push check
-Checks the configuration, Redis (stream, group, backlog, pending, dead letters) and the
-plugin's TLS certificate, without delivering anything. Exit 0 when nothing failed.";
+Checks the configuration, Redis (stream, group, backlog, pending, lease, dead letters),
+the plugin's TLS certificate, and the secret with a ping the plugin stores nothing for.
+Delivers nothing, changes nothing in Redis. Exit 0 when nothing failed, 1 otherwise.";
 
 /// How long one Redis command may take.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -88,10 +93,33 @@ pub fn main(args: &[String], config: impl FnOnce() -> Result<Config, Error>) -> 
         println!("all checks passed");
         Ok(())
     } else {
-        Err(Error::Startup(format!(
-            "check failed: {}",
-            failed.join(", ")
-        )))
+        Err(Error::Command {
+            code: 1,
+            message: format!(
+                "{} failed: {}; see the FAIL {} above",
+                plural(failed.len() as u64, "check"),
+                failed.join(", "),
+                if failed.len() == 1 { "line" } else { "lines" }
+            ),
+        })
+    }
+}
+
+/// "1 entry", "2 entries".
+fn entries(n: u64) -> String {
+    if n == 1 {
+        "1 entry".into()
+    } else {
+        format!("{n} entries")
+    }
+}
+
+/// "1 consumer", "2 consumers".
+pub fn plural(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
     }
 }
 
@@ -102,15 +130,32 @@ pub fn run(config: &Config) -> Vec<Line> {
         Err(_) => "-",
     };
     let mut lines = vec![line(
-        Status::Ok,
+        if config.source.unreadable.is_some() {
+            Status::Warn
+        } else {
+            Status::Ok
+        },
         "configuration",
         format!(
-            "stream {}, group {}, consumer {}, auth {auth}",
-            config.stream, config.group, config.consumer
+            "from {}: stream {}, group {}, consumer {}, auth {auth}",
+            config.source, config.stream, config.group, config.consumer
         ),
     )];
+    lines.extend(
+        config
+            .warnings()
+            .into_iter()
+            .map(|w| line(Status::Warn, "configuration", w)),
+    );
     lines.extend(redis_checks(config));
-    lines.push(plugin_check(config));
+    let plugin = plugin_check(config);
+    let reached = plugin.status == Status::Ok;
+    lines.push(plugin);
+    if reached && let Ok(p) = &config.plugin {
+        lines.push(ping_check(config, p));
+    } else {
+        lines.push(line(Status::Skip, "ping", "the plugin was not reached"));
+    }
     lines
 }
 
@@ -148,7 +193,11 @@ fn redis_checks(config: &Config) -> Vec<Line> {
                 "redis",
                 format!("{url}: {}", redis_error(&e)),
             )];
-            lines.extend(skipped("Redis unreachable"));
+            lines.extend(skipped(if refused_credentials(&e) {
+                "Redis refused the credentials"
+            } else {
+                "Redis unreachable"
+            }));
             return lines;
         }
     };
@@ -187,7 +236,11 @@ fn redis_checks(config: &Config) -> Vec<Line> {
         Ok(_) => {
             let length: Result<u64, _> = redis.query(redis::cmd("XLEN").arg(stream));
             match length {
-                Ok(n) => lines.push(line(Status::Ok, "stream", format!("{stream}: {n} entries"))),
+                Ok(n) => lines.push(line(
+                    Status::Ok,
+                    "stream",
+                    format!("{stream}: {}", entries(n)),
+                )),
                 Err(e) => lines.push(line(Status::Fail, "stream", format!("{stream}: {e}"))),
             }
             lines.push(group_check(&mut redis, config));
@@ -203,7 +256,10 @@ fn redis_checks(config: &Config) -> Vec<Line> {
         (Ok(n), Ok(0)) => line(
             Status::Warn,
             "dead letters",
-            format!("{dead}: {n} events the plugin refused (see `paheko-push dead list`)"),
+            format!(
+                "{dead}: {} the plugin refused (see `paheko-push dead list`)",
+                plural(n, "event")
+            ),
         ),
         (Ok(n), Ok(t)) => line(
             Status::Warn,
@@ -260,14 +316,28 @@ fn lease_check(redis: &mut Redis, config: &Config) -> Line {
     }
 }
 
-/// A Redis error, with what to do when it is the server's certificate.
+/// A Redis error, with what to do when it is the server's certificate or the password.
 fn redis_error(e: &redis::RedisError) -> String {
     let text = e.to_string();
     if text.contains("UnknownIssuer") {
         format!("{text} (if Redis uses a private CA, set REDIS_CA_FILE to that CA's PEM file)")
+    } else if refused_credentials(e) {
+        format!(
+            "Redis answers but refuses the credentials: a wrong or missing password (or \
+             user) in REDIS_URL ({text})"
+        )
     } else {
         text
     }
+}
+
+/// NOAUTH (a password is required and none was given), WRONGPASS (wrong user or
+/// password), or the client's own "authentication failed".
+fn refused_credentials(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("NOAUTH" | "WRONGPASS"))
+        || e.to_string().contains("NOAUTH")
+        || e.to_string().contains("WRONGPASS")
 }
 
 fn key_type(redis: &mut Redis, key: &str) -> Result<String, redis::RedisError> {
@@ -301,8 +371,10 @@ fn group_check(redis: &mut Redis, config: &Config) -> Line {
                     Status::Ok,
                     "group",
                     format!(
-                        "{name}: {backlog}, {} pending, {} consumers, last delivered {}",
-                        g.pending, g.consumers, g.last_delivered_id
+                        "{name}: {backlog}, {} pending, {}, last delivered {}",
+                        g.pending,
+                        plural(g.consumers as u64, "consumer"),
+                        g.last_delivered_id
                     ),
                 )
             }
@@ -361,8 +433,8 @@ fn plugin_check(config: &Config) -> Line {
             );
         }
     };
-    let url = &plugin.url;
-    let Some(target) = Target::parse(url) else {
+    let url = &redact_url(&plugin.url);
+    let Some(target) = Target::parse(&plugin.url) else {
         return line(
             Status::Fail,
             "plugin",
@@ -384,13 +456,102 @@ fn plugin_check(config: &Config) -> Line {
         Ok(version) => line(
             Status::Ok,
             "plugin",
-            format!(
-                "{url}: certificate valid for {} ({version}), nothing posted",
-                target.host
-            ),
+            format!("{url}: certificate valid for {} ({version})", target.host),
         ),
         Err(e) => line(Status::Fail, "plugin", format!("{url}: {e}")),
     }
+}
+
+/// The round trip: a `ping` event with a ticket's headers (the secret and/or the
+/// signature, a fresh `Idempotency-Key`), which tells a rotated secret (401/403) and a
+/// wrong URL (404) from a plugin that accepts the worker.
+fn ping_check(config: &Config, plugin: &crate::config::Plugin) -> Line {
+    let url = redact_url(&plugin.url);
+    let key = match random_hex(8) {
+        Ok(hex) => format!("ping-{hex}"),
+        Err(e) => return line(Status::Fail, "ping", format!("no random key: {e}")),
+    };
+    let agent = crate::pusher::Pusher::agent(
+        config.timeout,
+        !config.allow_http,
+        config.plugin_ca.as_ref(),
+    );
+    let body = br#"{"ping":true}"#;
+    let sent = crate::pusher::request(&agent, plugin, &key, &key, "ping", body).send(&body[..]);
+    let mut response = match sent {
+        Ok(r) => r,
+        Err(e) => {
+            return line(
+                Status::Fail,
+                "ping",
+                format!(
+                    "{url}: no answer to a ping ({}): the secret could not be verified",
+                    crate::pusher::describe(&e)
+                ),
+            );
+        }
+    };
+    let status = response.status();
+    let code = status.as_u16();
+    let reason = status.canonical_reason().unwrap_or("");
+    let answer = response
+        .body_mut()
+        .with_config()
+        .limit(4096)
+        .read_to_string()
+        .unwrap_or_default()
+        .replace(&plugin.secret, "[redacted]");
+    let answer: String = answer.trim().chars().take(120).collect();
+    let said = if answer.is_empty() {
+        String::new()
+    } else {
+        format!(", {answer:?}")
+    };
+    match code {
+        200..=299 => line(
+            Status::Ok,
+            "ping",
+            format!("{url}: {code} {reason}{said}: the plugin accepted the secret"),
+        ),
+        401 | 403 => line(
+            Status::Fail,
+            "ping",
+            format!(
+                "{url}: {code} {reason}{said}: the plugin refuses the {}; it would refuse \
+                 every ticket (a secret rotated on one side only?). Tickets would wait in Redis",
+                match plugin.auth {
+                    crate::config::Auth::Header => "secret (X-Paheko-Secret)",
+                    crate::config::Auth::Signature { .. } => "signature",
+                    crate::config::Auth::Both { .. } => "secret or the signature",
+                }
+            ),
+        ),
+        404 => line(
+            Status::Fail,
+            "ping",
+            format!(
+                "{url}: 404 {reason}: nothing at this URL: PAHEKO_PLUGIN_URL is wrong, or the \
+                 plugin is not installed or not enabled in Paheko"
+            ),
+        ),
+        _ => line(
+            Status::Warn,
+            "ping",
+            format!(
+                "{url}: {code} {reason}{said}: could not verify the secret (a plugin that \
+                 does not answer ping events, or one failing now)"
+            ),
+        ),
+    }
+}
+
+fn random_hex(bytes: usize) -> Result<String, String> {
+    use ring::rand::SecureRandom as _;
+    let mut buf = vec![0u8; bytes];
+    ring::rand::SystemRandom::new()
+        .fill(&mut buf)
+        .map_err(|_| "the system's random source failed".to_string())?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn connect(target: &Target, timeout: Duration) -> Result<TcpStream, String> {

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -49,23 +49,148 @@ pub struct Raw {
     pub paheko_push_auth: Option<String>,
     pub paheko_plugin_ca_file: Option<String>,
     pub redis_ca_file: Option<String>,
+    pub paheko_push_run_as: Option<String>,
+    /// Where these came from (not a variable).
+    #[serde(skip)]
+    pub source: Source,
+}
+
+/// The configuration file the Debian package installs. The operator commands
+/// (`check`, `health`, `dead`) read it when nothing else configures them (see
+/// [`Raw::from_env`]); the service gets it from systemd's `EnvironmentFile=`.
+pub const PACKAGE_ENV_FILE: &str = "/etc/paheko-push/paheko-push.env";
+
+/// Where the configuration came from besides the environment, for `check` and the
+/// operator commands to say.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Source {
+    /// The file of variables read: `./.env`, `PAHEKO_PUSH_ENV_FILE`, or the package's.
+    pub file: Option<PathBuf>,
+    /// The secret file paired with it (`secret` beside `paheko-push.env`, `SHOP.secret`
+    /// beside `SHOP.env`), when the configuration named no secret itself.
+    pub secret_file: Option<PathBuf>,
+    /// The package's file, which would have been read but this user may not read.
+    pub unreadable: Option<PathBuf>,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.file, &self.secret_file) {
+            (None, _) => match &self.unreadable {
+                None => f.write_str("the environment"),
+                Some(p) => write!(
+                    f,
+                    "the environment alone ({} is there, but this user may not read it: run as root)",
+                    p.display()
+                ),
+            },
+            (Some(file), None) => write!(f, "{}", file.display()),
+            (Some(file), Some(secret)) => {
+                write!(f, "{} and the secret {}", file.display(), secret.display())
+            }
+        }
+    }
 }
 
 impl Raw {
-    /// Reads the process environment, completed by `dir/.env` when that file exists.
-    /// A variable set in the real environment always wins over the file.
-    pub fn from_env(dir: &Path) -> Result<Raw, ConfigError> {
-        let mut vars: HashMap<String, String> = HashMap::new();
+    /// Reads the process environment, completed by one file of variables, the first
+    /// of (issue 14 §2):
+    /// 1. `PAHEKO_PUSH_ENV_FILE`, when set (it must exist);
+    /// 2. `dir/.env`, when it exists;
+    /// 3. `package` (the operator commands pass [`PACKAGE_ENV_FILE`]), when it exists
+    ///    and the environment sets no `REDIS_…` or `PAHEKO_…` variable: an operator who
+    ///    exported a configuration meant that one, not a mix of it and the package's.
+    ///
+    /// A variable set in the real environment always wins over the file. A file read
+    /// by rule 1 or 3 brings its secret along when nothing names one: `secret` beside
+    /// `paheko-push.env`, `NAME.secret` beside `NAME.env`, the package's layout.
+    pub fn from_env(dir: &Path, package: Option<&Path>) -> Result<Raw, ConfigError> {
+        Raw::from_env_vars(std::env::vars(), dir, package)
+    }
+
+    /// [`Raw::from_env`] with the environment given.
+    pub fn from_env_vars(
+        env: impl IntoIterator<Item = (String, String)>,
+        dir: &Path,
+        package: Option<&Path>,
+    ) -> Result<Raw, ConfigError> {
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let named = env
+            .iter()
+            .find(|(k, v)| k == "PAHEKO_PUSH_ENV_FILE" && !v.trim().is_empty())
+            .map(|(_, v)| PathBuf::from(v.trim()));
+        let configured = env.iter().any(|(k, _)| {
+            (k.starts_with("REDIS_") || k.starts_with("PAHEKO_")) && k != "PAHEKO_PUSH_ENV_FILE"
+        });
         let dotenv = dir.join(".env");
-        if dotenv.is_file() {
-            let text = std::fs::read_to_string(&dotenv).map_err(|e| ConfigError {
-                var: ".env".into(),
-                problem: format!("cannot read {}: {e}", dotenv.display()),
+        let mut unreadable = None;
+        let (file, pairs) = if let Some(named) = named {
+            if !named.is_file() {
+                return Err(err(
+                    "PAHEKO_PUSH_ENV_FILE",
+                    format!("{} does not exist or is not a file", named.display()),
+                ));
+            }
+            (Some(named), true)
+        } else if dotenv.is_file() {
+            (Some(dotenv), false)
+        } else {
+            match package {
+                // A user the package's file (root's, 0640) is not for, such as a
+                // monitoring script's, goes on with the environment alone, told so.
+                Some(p) if !configured && p.is_file() => match std::fs::File::open(p) {
+                    Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                        unreadable = Some(p.to_path_buf());
+                        (None, false)
+                    }
+                    _ => (Some(p.to_path_buf()), true),
+                },
+                _ => (None, false),
+            }
+        };
+        let mut vars: HashMap<String, String> = HashMap::new();
+        let mut source = Source {
+            unreadable,
+            ..Source::default()
+        };
+        if let Some(file) = &file {
+            let shown = file.display().to_string();
+            let text = std::fs::read_to_string(file).map_err(|e| {
+                err(
+                    &shown,
+                    if e.kind() == std::io::ErrorKind::PermissionDenied {
+                        format!("cannot read it: {e} (run the command as root, or set the variables yourself)")
+                    } else {
+                        format!("cannot read it: {e}")
+                    },
+                )
             })?;
-            vars.extend(parse_dotenv(&text)?);
+            let read = parse_dotenv(&text).map_err(|mut e| {
+                if e.var == ".env" {
+                    e.var = shown.clone();
+                }
+                e
+            })?;
+            vars.extend(read);
+            source.file = Some(file.clone());
         }
-        vars.extend(std::env::vars());
-        Raw::from_vars(vars)
+        vars.extend(env);
+        let names_secret = |k: &str| vars.get(k).is_some_and(|v| !v.trim().is_empty());
+        if pairs
+            && !names_secret("PAHEKO_PLUGIN_SECRET")
+            && !names_secret("PAHEKO_PLUGIN_SECRET_FILE")
+            && let Some(secret) = file.as_deref().and_then(paired_secret)
+            && secret.is_file()
+        {
+            vars.insert(
+                "PAHEKO_PLUGIN_SECRET_FILE".into(),
+                secret.display().to_string(),
+            );
+            source.secret_file = Some(secret);
+        }
+        let mut raw = Raw::from_vars(vars)?;
+        raw.source = source;
+        Ok(raw)
     }
 
     pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Raw, ConfigError> {
@@ -74,6 +199,18 @@ impl Raw {
             problem: e.to_string(),
         })
     }
+}
+
+/// The secret that goes with a file of variables in the package's layout: `secret`
+/// beside `paheko-push.env`, `NAME.secret` beside `NAME.env`.
+fn paired_secret(file: &Path) -> Option<PathBuf> {
+    let name = file.file_name()?.to_str()?;
+    let stem = name.strip_suffix(".env")?;
+    Some(file.with_file_name(if stem == "paheko-push" {
+        "secret".to_string()
+    } else {
+        format!("{stem}.secret")
+    }))
 }
 
 /// Reads a `.env` file's variables the way docker compose and python-dotenv do, for
@@ -163,7 +300,7 @@ pub struct Plugin {
 impl fmt::Debug for Plugin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Plugin")
-            .field("url", &self.url)
+            .field("url", &redact_url(&self.url))
             .field("secret", &"[redacted]")
             .field("auth", &self.auth)
             .finish()
@@ -252,6 +389,8 @@ pub struct Config {
     pub claim_idle: Duration,
     pub order_keys: Vec<String>,
     pub dead_letter_stream: String,
+    /// Plain http:// may be used: PAHEKO_PUSH_ALLOW_HTTP, or an http:// URL with
+    /// PAHEKO_PUSH_AUTH=signature (the secret never travels).
     pub allow_http: bool,
     pub health_addr: Option<String>,
     pub log_level: log::LevelFilter,
@@ -277,6 +416,12 @@ pub struct Config {
     pub plugin_ca: Option<CaFile>,
     /// Extra roots for a `rediss://` server's certificate (`REDIS_CA_FILE`).
     pub redis_ca: Option<CaFile>,
+    /// The user and group to run as once the configuration is read, when started as
+    /// root (`PAHEKO_PUSH_RUN_AS`, set by the container image; see
+    /// [`crate::privileges`]).
+    pub run_as: Option<(u32, u32)>,
+    /// The file the variables came from, if any.
+    pub source: Source,
 }
 
 /// Which variable is missing for the worker to deliver anything.
@@ -364,12 +509,24 @@ impl Config {
                 Some(a)
             }
         };
+        // With signatures alone the secret never travels, so plain http:// gives away
+        // no credential and is allowed without PAHEKO_PUSH_ALLOW_HTTP; what it does
+        // give away is said at start-up and by `check` (see [`Config::warnings`]).
+        let signature_only = raw
+            .paheko_push_auth
+            .as_deref()
+            .is_some_and(|a| a.trim().eq_ignore_ascii_case("signature"));
         let mut plugin = plugin(
             raw.paheko_plugin_url,
             raw.paheko_plugin_secret,
             raw.paheko_plugin_secret_file,
-            allow_http,
+            allow_http || signature_only,
         )?;
+        let allow_http = allow_http
+            || (signature_only
+                && plugin
+                    .as_ref()
+                    .is_ok_and(|p| p.url.to_ascii_lowercase().starts_with("http://")));
         let auth = auth(
             raw.paheko_push_auth,
             plugin.as_ref().ok().map(|p| p.secret.as_str()),
@@ -479,6 +636,8 @@ impl Config {
             )?,
             plugin_ca,
             redis_ca,
+            run_as: run_as(raw.paheko_push_run_as)?,
+            source: raw.source,
         })
     }
 
@@ -492,16 +651,38 @@ impl Config {
         }
     }
 
+    /// What the operator should know about a configuration that works: logged at
+    /// warn level at start-up, shown as `warn` lines by `check`.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if let Ok(p) = &self.plugin
+            && p.url.to_ascii_lowercase().starts_with("http://")
+            && !p.auth.sends_secret()
+        {
+            warnings.push(format!(
+                "{} is plain http://: the secret never travels (PAHEKO_PUSH_AUTH=signature), \
+                 but every ticket does, readable by anyone on the path, and a captured \
+                 request is accepted again if replayed within the signature's 5-minute \
+                 tolerance (unless the plugin drops a repeated Idempotency-Key, as it should); \
+                 use https:// unless the plugin is on this host or its private network",
+                redact_url(&p.url)
+            ));
+        }
+        warnings
+    }
+
     /// The strings that must never be printed: the plugin secret and the Redis password.
     pub fn secrets(&self) -> Vec<String> {
         let mut secrets = Vec::new();
         if let Ok(plugin) = &self.plugin {
             secrets.push(plugin.secret.clone());
+            secrets.extend(url_secrets(&plugin.url));
         }
         if let Some(password) = url_password(&self.redis_url) {
             secrets.push(password.to_string());
         }
         secrets.retain(|s| !s.is_empty());
+        secrets.dedup();
         secrets
     }
 }
@@ -681,6 +862,24 @@ fn log_level(value: Option<String>) -> Result<log::LevelFilter, ConfigError> {
     }
 }
 
+/// `UID:GID`, numbers: the image has no user database worth the name.
+fn run_as(value: Option<String>) -> Result<Option<(u32, u32)>, ConfigError> {
+    let Some(v) = value.filter(|v| !v.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let parsed = v
+        .trim()
+        .split_once(':')
+        .and_then(|(u, g)| Some((u.parse::<u32>().ok()?, g.parse::<u32>().ok()?)));
+    match parsed {
+        Some((0, _) | (_, 0)) | None => Err(err(
+            "PAHEKO_PUSH_RUN_AS",
+            format!("expected UID:GID, numbers other than 0, such as 65532:65532, got {v:?}"),
+        )),
+        Some(ids) => Ok(Some(ids)),
+    }
+}
+
 fn redis_url(value: Option<String>) -> Result<String, ConfigError> {
     let url = text(value, DEFAULT_REDIS_URL);
     let scheme = url.split_once("://").map(|(s, _)| s);
@@ -722,7 +921,8 @@ fn plugin(
             Some(_) if lower.starts_with("http://") && !allow_http => {
                 return Err(err(
                     "PAHEKO_PLUGIN_URL",
-                    "plain http:// would send the secret in clear; use https://, or set \
+                    "plain http:// would send the secret in clear (PAHEKO_PUSH_AUTH=header \
+                     or both); use https://, or PAHEKO_PUSH_AUTH=signature, or set \
                      PAHEKO_PUSH_ALLOW_HTTP=true for a plugin on the same host",
                 ));
             }
@@ -742,9 +942,14 @@ fn plugin(
         (Some(s), None) => Some(s),
         (None, Some(path)) => {
             let mut s = std::fs::read_to_string(path.trim()).map_err(|e| {
+                let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    crate::privileges::unreadable_hint()
+                } else {
+                    String::new()
+                };
                 err(
                     "PAHEKO_PLUGIN_SECRET_FILE",
-                    format!("cannot read {:?}: {e}", path.trim()),
+                    format!("cannot read {:?}: {e}{hint}", path.trim()),
                 )
             })?;
             while s.ends_with('\n') || s.ends_with('\r') {
@@ -844,7 +1049,7 @@ fn host_name() -> String {
 /// `?pass=`/`?password=` query parameter.
 pub fn url_password(url: &str) -> Option<&str> {
     let rest = url.split_once("://")?.1;
-    let authority = rest.split('/').next().unwrap_or("");
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     if let Some((userinfo, _)) = authority.rsplit_once('@')
         && let Some((_, password)) = userinfo.split_once(':')
     {
@@ -859,12 +1064,69 @@ pub fn url_password(url: &str) -> Option<&str> {
         })
 }
 
-/// The URL with any password replaced by `***`, for messages and logs.
+/// The URL as every message, log line and check shows it (issue 14 §7): the password of
+/// its user info and the value of every query parameter replaced by `***`
+/// (`https://bob:***@host/p?token=***`). A query value is as likely a secret as a
+/// password (`?token=…`, `?key=…`), and the URL's owner is better placed than this
+/// function to tell which is not. The one function for Redis's and the plugin's URLs.
 pub fn redact_url(url: &str) -> String {
-    match url_password(url) {
-        Some(p) if !p.is_empty() => url.replace(p, "***"),
-        _ => url.to_string(),
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (before_fragment, fragment) = match rest.split_once('#') {
+        Some((b, f)) => (b, Some(f)),
+        None => (rest, None),
+    };
+    let (before_query, query) = match before_fragment.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (before_fragment, None),
+    };
+    let (authority, path) = match before_query.find('/') {
+        Some(at) => before_query.split_at(at),
+        None => (before_query, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, password)) if !password.is_empty() => format!("{user}:***@{host}"),
+            _ => authority.to_string(),
+        },
+        None => authority.to_string(),
+    };
+    let mut out = format!("{scheme}://{authority}{path}");
+    if let Some(query) = query {
+        let masked: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, value)) if !value.is_empty() => format!("{name}=***"),
+                _ => pair.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&masked.join("&"));
     }
+    if let Some(fragment) = fragment {
+        out.push('#');
+        out.push_str(fragment);
+    }
+    out
+}
+
+/// The parts of the plugin's URL that [`redact_url`] hides and that are long enough to
+/// be recognised in a library's log line: its password and its query values. A value
+/// shorter than 8 characters (`?db=0`, `?v=2`) is masked where the URL is printed, but
+/// replacing every occurrence of it in a log would blank out unrelated text.
+fn url_secrets(url: &str) -> Vec<String> {
+    let mut secrets: Vec<String> = url_password(url).map(str::to_string).into_iter().collect();
+    if let Some((_, query)) = url.split('#').next().unwrap_or("").split_once('?') {
+        secrets.extend(
+            query
+                .split('&')
+                .filter_map(|pair| pair.split_once('=').map(|(_, v)| v))
+                .filter(|v| v.len() >= 8)
+                .map(str::to_string),
+        );
+    }
+    secrets
 }
 
 #[cfg(test)]
@@ -1057,6 +1319,186 @@ mod tests {
         assert_eq!(c.secrets(), ["k", "pw"]);
         let shown = format!("{c:?}");
         assert!(!shown.contains("\"k\"") && !shown.contains("pw"), "{shown}");
+    }
+
+    /// Issue 14 §7: the plugin's URL was printed with its password and token.
+    #[test]
+    fn every_url_is_masked_the_same_way() {
+        for (url, shown) in [
+            (
+                "https://bob:pluginpw@paheko.example/p?token=abc123&x=1",
+                "https://bob:***@paheko.example/p?token=***&x=***",
+            ),
+            (
+                "https://paheko.example/p/recyclique/",
+                "https://paheko.example/p/recyclique/",
+            ),
+            ("https://bob@h/p?flag", "https://bob@h/p?flag"),
+            ("https://h?key=v#frag", "https://h?key=***#frag"),
+            ("redis://u:pw@h:6379/0", "redis://u:***@h:6379/0"),
+            ("rediss://:hunter2@h/0", "rediss://:***@h/0"),
+            (
+                "redis+unix:///tmp/r.sock?pass=pw&db=2",
+                "redis+unix:///tmp/r.sock?pass=***&db=***",
+            ),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+        let c = config(&[
+            (
+                "PAHEKO_PLUGIN_URL",
+                "https://bob:pluginpw@p/x?token=t0k3n-long-enough&v=2",
+            ),
+            ("PAHEKO_PLUGIN_SECRET", "k"),
+        ])
+        .unwrap();
+        assert_eq!(c.secrets(), ["k", "pluginpw", "t0k3n-long-enough"]);
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("pluginpw") && !shown.contains("t0k3n"),
+            "{shown}"
+        );
+    }
+
+    /// Signatures over plain http: allowed, with a warning saying what travels.
+    #[test]
+    fn signature_over_http_is_allowed_with_a_warning() {
+        let vars = |auth: &'static str| {
+            [
+                ("PAHEKO_PLUGIN_URL", "http://paheko/p/recyclique/"),
+                ("PAHEKO_PLUGIN_SECRET", "whsec_AQID"),
+                ("PAHEKO_PUSH_AUTH", auth),
+            ]
+        };
+        let c = config(&vars("signature")).unwrap();
+        assert!(c.allow_http);
+        let warnings = c.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("the secret never travels")
+                && warnings[0].contains("every ticket does")
+                && warnings[0].contains("replayed"),
+            "{warnings:?}"
+        );
+        for auth in ["header", "both"] {
+            let e = config(&vars(auth)).unwrap_err();
+            assert_eq!(e.var, "PAHEKO_PLUGIN_URL");
+            assert!(e.problem.contains("would send the secret in clear"), "{e}");
+        }
+        let https = config(&[
+            ("PAHEKO_PLUGIN_URL", "https://paheko/p/recyclique/"),
+            ("PAHEKO_PLUGIN_SECRET", "whsec_AQID"),
+            ("PAHEKO_PUSH_AUTH", "signature"),
+        ])
+        .unwrap();
+        assert!(!https.allow_http && https.warnings().is_empty());
+    }
+
+    #[test]
+    fn run_as_takes_two_numbers_other_than_root() {
+        assert_eq!(config(&[]).unwrap().run_as, None);
+        assert_eq!(
+            config(&[("PAHEKO_PUSH_RUN_AS", "65532:65532")])
+                .unwrap()
+                .run_as,
+            Some((65532, 65532))
+        );
+        for bad in ["65532", "0:0", "nobody:nogroup", "1:0"] {
+            let e = config(&[("PAHEKO_PUSH_RUN_AS", bad)]).unwrap_err();
+            assert_eq!(e.var, "PAHEKO_PUSH_RUN_AS", "{bad}");
+        }
+    }
+
+    /// Issue 14 §2: which file of variables is read, and the secret beside it.
+    #[test]
+    fn the_env_file_rule() {
+        let dir = tempdir("source");
+        let cwd = dir.join("cwd");
+        let etc = dir.join("etc");
+        std::fs::create_dir_all(&cwd).unwrap();
+        std::fs::create_dir_all(&etc).unwrap();
+        let package = etc.join("paheko-push.env");
+        std::fs::write(
+            &package,
+            "PAHEKO_PUSH_GROUP=from-package\nPAHEKO_PLUGIN_URL=https://p/x\n",
+        )
+        .unwrap();
+        std::fs::write(etc.join("secret"), "package-secret\n").unwrap();
+        std::fs::write(
+            etc.join("shop.env"),
+            "PAHEKO_PUSH_GROUP=from-shop\nPAHEKO_PLUGIN_URL=https://p/x\n",
+        )
+        .unwrap();
+        std::fs::write(etc.join("shop.secret"), "shop-secret").unwrap();
+        let read = |env: &[(&str, &str)], package: Option<&Path>| {
+            let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+            Config::from_raw(Raw::from_env_vars(env, &cwd, package).unwrap()).unwrap()
+        };
+        let secret = |c: &Config| c.plugin.as_ref().map(|p| p.secret.clone()).ok();
+
+        // The package's file, and its secret, when nothing else configures.
+        let c = read(&[("PATH", "/bin")], Some(&package));
+        assert_eq!(c.group, "from-package");
+        assert_eq!(secret(&c).as_deref(), Some("package-secret"));
+        assert_eq!(
+            c.source.to_string(),
+            format!(
+                "{} and the secret {}",
+                package.display(),
+                etc.join("secret").display()
+            )
+        );
+        // Not for the worker (no package path given)…
+        assert_eq!(read(&[], None).group, DEFAULT_GROUP);
+        // …nor when the environment configures anything.
+        let c = read(&[("REDIS_URL", "redis://h/0")], Some(&package));
+        assert_eq!(
+            (c.group.as_str(), c.source.file.clone()),
+            (DEFAULT_GROUP, None)
+        );
+        // PAHEKO_PUSH_ENV_FILE names another, which brings NAME.secret.
+        let shop = etc.join("shop.env");
+        let c = read(
+            &[("PAHEKO_PUSH_ENV_FILE", shop.to_str().unwrap())],
+            Some(&package),
+        );
+        assert_eq!(c.group, "from-shop");
+        assert_eq!(secret(&c).as_deref(), Some("shop-secret"));
+        // A secret in the environment wins over the paired file.
+        let c = read(
+            &[
+                ("PAHEKO_PUSH_ENV_FILE", shop.to_str().unwrap()),
+                ("PAHEKO_PLUGIN_SECRET", "mine"),
+            ],
+            None,
+        );
+        assert_eq!(secret(&c).as_deref(), Some("mine"));
+        // ./.env comes before the package's file, and brings no secret file.
+        std::fs::write(cwd.join(".env"), "PAHEKO_PUSH_GROUP=from-dotenv\n").unwrap();
+        let c = read(&[], Some(&package));
+        assert_eq!(c.group, "from-dotenv");
+        assert_eq!(c.source.secret_file, None);
+        // A named file that is not there is an error naming the variable.
+        let e = Raw::from_env_vars(
+            [(
+                "PAHEKO_PUSH_ENV_FILE".to_string(),
+                "/nonexistent/x.env".to_string(),
+            )],
+            &cwd,
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.var, "PAHEKO_PUSH_ENV_FILE");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tempdir(what: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("paheko-push-config-{what}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     #[test]

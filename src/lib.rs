@@ -27,6 +27,7 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod order;
+pub mod privileges;
 pub mod probe;
 pub mod pusher;
 pub mod reader;
@@ -36,6 +37,7 @@ pub mod sign;
 pub mod stats;
 pub mod store;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::thread;
@@ -49,29 +51,64 @@ use store::Redis;
 
 /// The program: reads the configuration, then runs the command the arguments name.
 pub fn main_with(args: &[String]) -> Result<(), Error> {
+    // The operator commands fall back on the package's configuration file; the
+    // worker does not: under systemd it gets that file from EnvironmentFile= and
+    // could not read it itself (DynamicUser, mode 0640).
+    let package = Some(Path::new(config::PACKAGE_ENV_FILE));
     match args.first().map(String::as_str) {
         None | Some("run") => {}
-        Some("dead") => return dead::main(&args[1..], load_config),
-        Some("check") => return check::main(&args[1..], load_config),
-        Some("health") => return probe::main(&args[1..], load_config),
-        Some("-V" | "--version") => {
+        Some("dead") => {
+            return dead::main(&args[1..], || {
+                let config = load_config(package)?;
+                if config.source.file.is_some() {
+                    eprintln!("paheko-push: configuration from {}", config.source);
+                }
+                Ok(config)
+            });
+        }
+        Some("check") => return check::main(&args[1..], || load_config(package)),
+        Some("health") => return probe::main(&args[1..], || load_config(package)),
+        Some("-V" | "--version" | "version") => {
             println!("paheko-push {}", env!("CARGO_PKG_VERSION"));
             return Ok(());
         }
-        Some("-h" | "--help") => {
-            println!("{}", USAGE);
-            return Ok(());
+        Some("-h" | "--help" | "help") => {
+            return help(&args[1..]);
         }
         Some(other) => return Err(Error::Usage(format!("unknown command {other:?}\n{USAGE}"))),
     }
-    let config = load_config()?;
+    if help_asked("run", args.get(1..).unwrap_or_default(), RUN_USAGE)? {
+        return Ok(());
+    }
+    let config = load_config(None)?;
     logging::init(
         config.log_level,
         config.log_format,
         logging::Redactor::new(config.secrets()),
     )
     .map_err(|e| Error::Startup(format!("logger: {e}")))?;
+    for warning in config.warnings() {
+        log::warn!("{warning}");
+    }
     run(config)
+}
+
+/// `paheko-push help [COMMAND]`: the usage, or one command's.
+fn help(args: &[String]) -> Result<(), Error> {
+    let usage = match args.first().map(String::as_str) {
+        None => USAGE,
+        Some("run") => RUN_USAGE,
+        Some("check") => check::USAGE,
+        Some("health") => probe::USAGE,
+        Some("dead") => dead::USAGE,
+        Some(other) => {
+            return Err(Error::Usage(format!(
+                "no help for {other:?}: not a command\n{USAGE}"
+            )));
+        }
+    };
+    println!("{usage}");
+    Ok(())
 }
 
 /// For a subcommand that takes no argument: true when `--help` was asked (the usage is
@@ -89,12 +126,17 @@ pub(crate) fn help_asked(command: &str, args: &[String], usage: &str) -> Result<
     }
 }
 
-/// The validated configuration, from the environment and ./.env; the same for every
-/// command.
-fn load_config() -> Result<Config, Error> {
+/// The validated configuration, from the environment and a file of variables (see
+/// [`config::Raw::from_env`]); the same for every command. In the container image the
+/// program starts as root to read a secret only root can read, then runs as
+/// `PAHEKO_PUSH_RUN_AS` ([`privileges`]) before anything else happens.
+fn load_config(package: Option<&Path>) -> Result<Config, Error> {
     let cwd = std::env::current_dir()
         .map_err(|e| Error::Startup(format!("no working directory: {e}")))?;
-    let config = Config::from_raw(Raw::from_env(&cwd)?)?;
+    let config = Config::from_raw(Raw::from_env(&cwd, package)?)?;
+    if let Some(user) = config.run_as {
+        privileges::become_user(user).map_err(Error::Startup)?;
+    }
     // Checked before anything touches Redis, so a bad URL is a configuration error.
     Redis::open_with_ca(
         &config.redis_url,
@@ -112,9 +154,22 @@ fn load_config() -> Result<Config, Error> {
 
 const USAGE: &str = "usage: paheko-push [run]
        paheko-push check
+       paheko-push health
        paheko-push dead list [--json] | show ID... | replay ID...|--all | drop ID...
+       paheko-push help [COMMAND] | --version
 Delivers RecyClique's cash events from Redis to the Paheko plugin.
-Configuration comes from the environment and ./.env; see README.md.";
+  run     the worker (the default)
+  check   checks the configuration, Redis, the plugin and its secret (a ping); changes nothing
+  health  asks the running worker for its /health; exit 0 when it is ok
+  dead    the dead letters: list, show, replay, drop
+Configuration comes from the environment, completed by PAHEKO_PUSH_ENV_FILE or ./.env;
+check, health and dead read /etc/paheko-push/paheko-push.env when neither exists and
+no REDIS_/PAHEKO_ variable is set. See README.md.";
+
+const RUN_USAGE: &str = "usage: paheko-push [run]
+Delivers RecyClique's cash events from Redis to the Paheko plugin until SIGTERM or
+SIGINT. Configuration comes from the environment, completed by PAHEKO_PUSH_ENV_FILE or
+./.env; see README.md.";
 
 /// Runs the worker until SIGTERM or SIGINT.
 pub fn run(config: Config) -> Result<(), Error> {

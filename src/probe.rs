@@ -100,11 +100,52 @@ pub fn judge(code: u16, body: &str) -> Verdict {
         serde_json::Value::Null => "-".into(),
         other => other.to_string(),
     };
+    // What is wrong first, in words: the status /health carries and what it means.
+    let mut why = Vec::new();
+    if let Some(refusing) = doc["paheko_refusing_status"].as_u64() {
+        why.push(format!(
+            "the plugin refuses every ticket with HTTP {refusing}: {}; tickets wait in Redis",
+            crate::retry::refusal_meaning(refusing as u16)
+        ));
+    } else if doc["paheko"] == "down" {
+        let since = doc["paheko_down_since"]
+            .as_u64()
+            .map(|t| {
+                format!(
+                    " since {}",
+                    crate::clock::rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(t))
+                )
+            })
+            .unwrap_or_default();
+        why.push(format!(
+            "Paheko does not answer{since}, {} in a row; tickets wait in Redis",
+            crate::check::plural(
+                doc["consecutive_failures"].as_u64().unwrap_or(0),
+                "failed attempt"
+            )
+        ));
+    }
+    if doc["redis"] == "error" {
+        why.push("Redis is unreachable".into());
+    }
+    if doc["push_worker"] == "unconfigured" {
+        why.push("the plugin URL or secret is not set: nothing is delivered".into());
+    }
+    if doc["lost_to_trim"].as_u64().unwrap_or(0) > 0 {
+        why.push(format!(
+            "{} trimmed before they were read (paheko-push dead list)",
+            crate::check::plural(doc["lost_to_trim"].as_u64().unwrap_or(0), "ticket")
+        ));
+    }
+    if doc["backlog_warning"] == true {
+        why.push("the backlog nears the producer's MAXLEN".into());
+    }
     let summary = format!(
-        "redis {}, paheko {}, push_worker {}, pending {}, backlog {}, dead letters {}, lost to trim {}",
+        "redis {}, paheko {}, push_worker {}, role {}, pending {}, backlog {}, dead letters {}, lost to trim {}",
         field("redis"),
         field("paheko"),
         field("push_worker"),
+        field("role"),
         field("pending"),
         field("lag"),
         field("dead_letters"),
@@ -112,8 +153,13 @@ pub fn judge(code: u16, body: &str) -> Verdict {
     );
     if status == "ok" && code == 200 {
         Verdict::Healthy(format!("healthy: {summary}"))
-    } else {
+    } else if why.is_empty() {
         Verdict::Unhealthy(format!("unhealthy: status {status}: {summary}"))
+    } else {
+        Verdict::Unhealthy(format!(
+            "unhealthy: status {status}: {} ({summary})",
+            why.join("; ")
+        ))
     }
 }
 
@@ -159,11 +205,11 @@ mod tests {
 
     #[test]
     fn only_status_ok_is_healthy() {
-        let ok = r#"{"status":"ok","redis":"ok","paheko":"up","push_worker":"ok","pending":0,"lag":3,"dead_letters":0,"lost_to_trim":0}"#;
+        let ok = r#"{"status":"ok","redis":"ok","paheko":"up","push_worker":"ok","role":"active","pending":0,"lag":3,"dead_letters":0,"lost_to_trim":0}"#;
         assert_eq!(
             judge(200, ok),
             Verdict::Healthy(
-                "healthy: redis ok, paheko up, push_worker ok, pending 0, backlog 3, dead letters 0, lost to trim 0"
+                "healthy: redis ok, paheko up, push_worker ok, role active, pending 0, backlog 3, dead letters 0, lost to trim 0"
                     .into()
             )
         );
@@ -178,5 +224,28 @@ mod tests {
             matches!(judge(404, r#"{"error":"not found"}"#), Verdict::Unhealthy(l) if l.contains("not a paheko-push"))
         );
         assert!(matches!(judge(200, "<html>"), Verdict::Unhealthy(_)));
+    }
+
+    #[test]
+    fn a_refusing_plugin_is_named_with_its_status_and_meaning() {
+        let refusing = r#"{"status":"error","redis":"ok","paheko":"refusing","paheko_refusing_status":401,"push_worker":"ok","role":"active","pending":1,"lag":0,"dead_letters":0,"lost_to_trim":0}"#;
+        let Verdict::Unhealthy(said) = judge(503, refusing) else {
+            panic!("healthy?")
+        };
+        assert!(
+            said.starts_with(
+                "unhealthy: status error: the plugin refuses every ticket with HTTP 401: the plugin does not accept the secret"
+            ),
+            "{said}"
+        );
+        let down = r#"{"status":"degraded","redis":"ok","paheko":"down","paheko_down_since":1795824649,"consecutive_failures":4,"push_worker":"ok","pending":1}"#;
+        let Verdict::Unhealthy(said) = judge(200, down) else {
+            panic!("healthy?")
+        };
+        assert!(
+            said.contains("Paheko does not answer since 2026-11-")
+                && said.contains("4 failed attempts in a row"),
+            "{said}"
+        );
     }
 }

@@ -276,29 +276,14 @@ impl Pusher {
     }
 
     fn post(&self, event: &Event) -> Reply {
-        let id = &event.idempotency_key;
-        let mut request = self
-            .agent
-            .post(&self.plugin.url)
-            .header("Content-Type", "application/json")
-            .header("Idempotency-Key", id)
-            .header("X-Request-Id", &event.request_id);
-        if self.plugin.auth.sends_secret() {
-            request = request.header("X-Paheko-Secret", &self.plugin.secret);
-        }
-        if let Some(key) = self.plugin.auth.signing_key() {
-            let timestamp = crate::clock::unix_now();
-            request = request
-                .header("webhook-id", id)
-                .header("webhook-timestamp", timestamp.to_string())
-                .header(
-                    "webhook-signature",
-                    crate::sign::signature(key, id, timestamp, event.body()),
-                );
-        }
-        if !event.kind.is_empty() {
-            request = request.header("X-Paheko-Event", &event.kind);
-        }
+        let request = request(
+            &self.agent,
+            &self.plugin,
+            &event.idempotency_key,
+            &event.request_id,
+            &event.kind,
+            event.body(),
+        );
         match request.send(event.body()) {
             Ok(mut response) => {
                 let status = response.status().as_u16();
@@ -333,8 +318,42 @@ impl Pusher {
     }
 }
 
+/// The POST of one delivery, every header set, ready to send `body`: what the pushers
+/// send for a ticket and `check` for its ping, so the two cannot differ.
+pub fn request(
+    agent: &ureq::Agent,
+    plugin: &Plugin,
+    id: &str,
+    request_id: &str,
+    kind: &str,
+    body: &[u8],
+) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
+    let mut request = agent
+        .post(&plugin.url)
+        .header("Content-Type", "application/json")
+        .header("Idempotency-Key", id)
+        .header("X-Request-Id", request_id);
+    if plugin.auth.sends_secret() {
+        request = request.header("X-Paheko-Secret", &plugin.secret);
+    }
+    if let Some(key) = plugin.auth.signing_key() {
+        let timestamp = crate::clock::unix_now();
+        request = request
+            .header("webhook-id", id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header(
+                "webhook-signature",
+                crate::sign::signature(key, id, timestamp, body),
+            );
+    }
+    if !kind.is_empty() {
+        request = request.header("X-Paheko-Event", kind);
+    }
+    request
+}
+
 /// A transport error in words an operator can act on, naming the timeout that fired.
-fn describe(e: &ureq::Error) -> String {
+pub fn describe(e: &ureq::Error) -> String {
     match e {
         ureq::Error::Timeout(which) => format!("timeout: {which:?} timeout fired"),
         ureq::Error::ConnectionFailed => {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::util::*;
 
 const T: Duration = Duration::from_secs(20);
+const BIN: &str = env!("CARGO_BIN_EXE_paheko-push");
 
 #[test]
 fn a_bad_value_stops_the_program_before_redis_with_one_line_naming_it() {
@@ -241,5 +242,194 @@ fn the_secret_can_come_from_a_file() {
         done.stderr
             .contains("set either PAHEKO_PLUGIN_SECRET or PAHEKO_PLUGIN_SECRET_FILE"),
         "{done:?}"
+    );
+}
+
+/// Runs `BIN args` with nothing but PATH in its environment, in a mount namespace whose
+/// /etc is an empty tmpfs holding only `files` under /etc/paheko-push: the package's
+/// layout, without touching the machine's /etc.
+fn with_package_files(
+    files: &[(&str, &str)],
+    env: &[&str],
+    args: &[&str],
+) -> Option<std::process::Output> {
+    let unshare = crate::packaging::need("unshare", "util-linux")?;
+    let staged = tempfile::tempdir().unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(staged.path().join(name), text).unwrap();
+    }
+    let script = r#"set -e
+mount -t tmpfs tmpfs /etc
+mkdir /etc/paheko-push
+cp "$STAGED"/* /etc/paheko-push/
+cd "$WORKDIR"
+exec env -u STAGED -u WORKDIR "$@""#;
+    let mut command = std::process::Command::new(unshare);
+    command
+        .args(["-r", "-m", "sh", "-c", script, "sh"])
+        .args(env)
+        .arg(BIN)
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("STAGED", staged.path())
+        .env("WORKDIR", cwd.path());
+    Some(crate::packaging::output(&mut command))
+}
+
+/// Issue 14 §2: after `apt install` and editing /etc/paheko-push/paheko-push.env, the
+/// README's `paheko-push check` (and `health`, `dead`) read that file and the secret
+/// beside it, and say so; the worker itself does not (systemd hands it the file).
+#[test]
+fn check_health_and_dead_read_the_packages_env_file_and_its_secret() {
+    let redis = RedisServer::start();
+    let sink = Sink::ok();
+    let mut conn = redis.conn();
+    publish_ticket(&mut conn, "cs-1", "sale-1");
+    let worker = Worker::spawn(base_env(&redis, &sink));
+    sink.wait_for_count(1, T);
+    let conffile = format!(
+        "# as the package ships it, uncommented and set\nREDIS_URL={}\nPAHEKO_PLUGIN_URL={}\n\
+         PAHEKO_PUSH_ALLOW_HTTP=true\nPAHEKO_PUSH_HEALTH_ADDR={}\n",
+        redis.url(),
+        sink.url(),
+        worker.health_addr()
+    );
+    let files = [
+        ("paheko-push.env", conffile.as_str()),
+        ("secret", "package-secret-from-file\n"),
+    ];
+    let Some(checked) = with_package_files(&files, &[], &["check"]) else {
+        return;
+    };
+    let stdout = String::from_utf8_lossy(&checked.stdout);
+    let stderr = String::from_utf8_lossy(&checked.stderr);
+    assert!(checked.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.starts_with(
+            "ok    configuration from /etc/paheko-push/paheko-push.env and the secret \
+             /etc/paheko-push/secret: "
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("ok    stream") && l.ends_with(": 1 entry")),
+        "{stdout}"
+    );
+    let ping = sink
+        .received()
+        .into_iter()
+        .find(|r| r.header("x-paheko-event") == Some("ping"))
+        .expect("no ping");
+    assert_eq!(
+        ping.header("x-paheko-secret"),
+        Some("package-secret-from-file")
+    );
+    assert!(!stdout.contains("package-secret-from-file"));
+
+    let Some(probed) = with_package_files(&files, &[], &["health"]) else {
+        return;
+    };
+    let said = String::from_utf8_lossy(&probed.stdout);
+    assert!(
+        probed.status.success() && said.starts_with("healthy: "),
+        "{said}{}",
+        String::from_utf8_lossy(&probed.stderr)
+    );
+    let Some(listed) = with_package_files(&files, &[], &["dead", "list"]) else {
+        return;
+    };
+    assert!(listed.status.success(), "{listed:?}");
+    assert!(
+        String::from_utf8_lossy(&listed.stderr).starts_with(
+            "paheko-push: configuration from /etc/paheko-push/paheko-push.env and the secret \
+             /etc/paheko-push/secret\n"
+        ),
+        "{listed:?}"
+    );
+
+    // A variable in the environment means the operator configured it there: the
+    // package's file is not mixed in. PAHEKO_PUSH_ENV_FILE names another file.
+    let Some(shop) = with_package_files(
+        &[
+            ("paheko-push.env", "PAHEKO_PUSH_GROUP=wrong-file\n"),
+            ("shop.env", conffile.as_str()),
+            ("shop.secret", "shop-secret"),
+        ],
+        &["PAHEKO_PUSH_ENV_FILE=/etc/paheko-push/shop.env"],
+        &["check"],
+    ) else {
+        return;
+    };
+    let stdout = String::from_utf8_lossy(&shop.stdout);
+    assert!(
+        shop.status.success()
+            && stdout.starts_with(
+                "ok    configuration from /etc/paheko-push/shop.env and the secret \
+                 /etc/paheko-push/shop.secret: "
+            )
+            && stdout.contains("group recyclic-push"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&shop.stderr)
+    );
+    drop(worker);
+}
+
+/// A user the package's file is not for (root's, 0640), such as a monitoring script
+/// running `paheko-push health`, goes on with the environment alone, and `check` says
+/// why it did not read the file. Run as root in namespaces of its own: an empty /etc
+/// holding the package's file, and a network where nothing answers (the defaults then
+/// reach no one's Redis), as the user nobody.
+#[test]
+fn a_user_who_may_not_read_the_packages_file_is_told_and_goes_on_without_it() {
+    // SAFETY: geteuid takes nothing and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        crate::packaging::skip("the unreadable package file test: it needs root");
+        return;
+    }
+    let (Some(unshare), Some(setpriv)) = (
+        crate::packaging::need("unshare", "util-linux"),
+        crate::packaging::need("setpriv", "util-linux"),
+    ) else {
+        return;
+    };
+    let cwd = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        cwd.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let script = r#"set -e
+mount -t tmpfs tmpfs /etc
+mkdir /etc/paheko-push
+echo REDIS_URL=redis://127.0.0.1:1/0 > /etc/paheko-push/paheko-push.env
+chmod 0640 /etc/paheko-push/paheko-push.env
+ip link set lo up 2>/dev/null || true
+cd "$WORKDIR"
+exec env -u WORKDIR "$SETPRIV" --reuid=65534 --regid=65534 --clear-groups "$BIN" check"#;
+    let out = crate::packaging::output(
+        std::process::Command::new(unshare)
+            .args(["-m", "-n", "sh", "-c", script])
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("WORKDIR", cwd.path())
+            .env("SETPRIV", setpriv)
+            .env("BIN", BIN),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stdout.starts_with(
+            "warn  configuration from the environment alone (/etc/paheko-push/paheko-push.env \
+             is there, but this user may not read it: run as root)"
+        ),
+        "{out:?}"
+    );
+    assert!(
+        stdout.contains("redis://127.0.0.1:6379/0"),
+        "the defaults, not the file: {out:?}"
     );
 }

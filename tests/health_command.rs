@@ -36,7 +36,7 @@ fn a_healthy_worker_says_so_in_one_line_and_exit_0() {
     assert!(
         finished
             .stdout
-            .starts_with("healthy: redis ok, paheko up, push_worker ok, pending 0"),
+            .starts_with("healthy: redis ok, paheko up, push_worker ok, role active, pending 0"),
         "{finished:?}"
     );
     assert!(finished.stderr.is_empty(), "{finished:?}");
@@ -62,7 +62,7 @@ fn a_worker_without_redis_or_plugin_is_unhealthy_with_exit_1() {
     assert!(
         finished
             .stderr
-            .starts_with("paheko-push: unhealthy: status error: redis error"),
+            .starts_with("paheko-push: unhealthy: status error: Redis is unreachable (redis error"),
         "{finished:?}"
     );
 
@@ -125,4 +125,29 @@ fn nothing_to_ask_is_unhealthy_with_exit_1_not_a_crash() {
             .contains("unhealthy: configuration: PAHEKO_PUSH_MAX_RETRIES"),
         "{finished:?}"
     );
+}
+
+#[test]
+fn a_refusing_plugin_is_named_with_its_status_and_what_it_means() {
+    let redis = RedisServer::start();
+    let sink = Sink::start(|_| Reply::status(401));
+    let mut conn = redis.conn();
+    publish_ticket(&mut conn, "cs-1", "sale-1");
+    let env = base_env(&redis, &sink);
+    let worker = Worker::spawn(&env);
+    let env = asking(&worker, env);
+    let finished = wait_for("health to see the refusal", T, || {
+        let f = health(env.clone());
+        f.stderr.contains("refuses").then_some(f)
+    });
+    assert_eq!(finished.code(), Some(1), "{finished:?}");
+    assert_eq!(finished.stderr.lines().count(), 1, "{finished:?}");
+    assert!(
+        finished.stderr.starts_with(
+            "paheko-push: unhealthy: status error: the plugin refuses every ticket with HTTP 401: \
+             the plugin does not accept the secret or the signature"
+        ) && finished.stderr.contains("tickets wait in Redis"),
+        "{finished:?}"
+    );
+    assert!(!finished.stderr.contains(SECRET));
 }

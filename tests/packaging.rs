@@ -278,7 +278,18 @@ fn the_conffile_is_env_example_all_commented_out() {
         })
         .collect();
     assert!(assignments.len() >= 25, "{assignments:?}");
-    for (name, value) in &assignments {
+    // The secret has its own file, which the unit names: no line for it here, not even
+    // commented out (uncommented, either would be an error or a trap; issue 14).
+    for line in conffile.lines() {
+        assert!(
+            !line.contains("PAHEKO_PLUGIN_SECRET=") && !line.contains("PAHEKO_PLUGIN_SECRET_FILE="),
+            "{line:?} in the conffile"
+        );
+    }
+    for (name, value) in assignments
+        .iter()
+        .filter(|(name, _)| !name.starts_with("PAHEKO_PLUGIN_SECRET"))
+    {
         let line = format!("# {name}={value}");
         assert!(
             conffile.lines().any(|l| l.trim_end() == line),
@@ -658,7 +669,14 @@ fn the_image_is_the_static_binary_alone_and_runs_from_its_exported_root() {
     let inspect = succeed(Command::new(&podman).args(["image", "inspect"]).arg(&image));
     let inspect: serde_json::Value = serde_json::from_str(&inspect).unwrap();
     let config = &inspect[0]["Config"];
-    assert_eq!(config["User"], "65532:65532", "{config}");
+    // Starts as root to read a root-only secret, then runs as 65532 (issue 14 §1).
+    assert_eq!(config["User"], "0:0", "{config}");
+    assert!(
+        config["Env"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|v| v == "PAHEKO_PUSH_RUN_AS=65532:65532")),
+        "{config}"
+    );
     assert_eq!(config["Entrypoint"], serde_json::json!(["/paheko-push"]));
     assert_eq!(config["Cmd"], serde_json::json!(["run"]));
     assert_eq!(
@@ -718,12 +736,13 @@ fn the_compose_service_runs_the_image_with_an_environment_it_accepts() {
         format!("image: localhost/paheko-push:{VERSION}")
     );
     assert_eq!(line("restart:"), "restart: unless-stopped");
-    assert_eq!(line("test:"), r#"test: ["CMD", "/paheko-push", "health"]"#);
-    assert_eq!(
-        compose_section(&compose, "depends_on"),
-        [("redis".to_string(), String::new())]
-    );
+    // The image's healthcheck applies: podman-compose 1.0 runs one declared here
+    // through /bin/sh, which the image does not have (issue 14 §9).
+    assert!(!compose.lines().any(|l| l.trim() == "healthcheck:"));
     assert_eq!(line("file:"), "file: ./paheko_push_secret.txt");
+    assert_eq!(line("cap_add:"), "cap_add: [SETUID, SETGID]");
+    assert_eq!(line("external:"), "external: true");
+    assert_eq!(line("name:"), "name: recyclic-network");
     let env = compose_section(&compose, "environment");
     let get = |name: &str| {
         env.iter()
@@ -732,6 +751,7 @@ fn the_compose_service_runs_the_image_with_an_environment_it_accepts() {
             .unwrap_or_else(|| panic!("{name} not in the environment: {env:?}"))
     };
     assert_eq!(get("REDIS_URL"), "redis://redis:6379/0");
+    assert_eq!(get("PAHEKO_PLUGIN_URL"), "http://paheko/p/recyclique/");
     assert_eq!(get("PAHEKO_PUSH_ALLOW_HTTP"), "true");
     assert_eq!(
         get("PAHEKO_PLUGIN_SECRET_FILE"),
@@ -767,5 +787,506 @@ fn the_compose_service_runs_the_image_with_an_environment_it_accepts() {
         text.lines()
             .any(|l| l.starts_with("FAIL  redis") && l.contains("redis://redis:6379/0")),
         "{text}"
+    );
+}
+
+/// The image's configuration as `podman image inspect` gives it: (User, Env).
+fn image_config(podman: &Path, image: &str) -> (String, Vec<(String, String)>) {
+    let inspect = succeed(Command::new(podman).args(["image", "inspect"]).arg(image));
+    let inspect: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    let config = &inspect[0]["Config"];
+    let env = config["Env"]
+        .as_array()
+        .map(|e| {
+            e.iter()
+                .filter_map(|v| v.as_str()?.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    (config["User"].as_str().unwrap_or("").to_string(), env)
+}
+
+/// `/proc/PID/status`'s line `name`, its fields after the name.
+fn proc_status(pid: u32, name: &str) -> Vec<String> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status:\n{status}"))
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The program and arguments that run `/paheko-push ARGS` from `root` as the image
+/// says and as compose starts it: as the image's user, and for root with only the
+/// capabilities deploy/compose.yaml keeps (SETUID, SETGID; SYS_CHROOT too, for the
+/// chroot standing in for the container) and no-new-privileges.
+fn as_the_image_runs(user: &str, root: &Path, args: &[&str]) -> Option<(PathBuf, Vec<String>)> {
+    let chroot = need("chroot", "coreutils")?;
+    let mut argv: Vec<String> = Vec::new();
+    let program = if user == "0:0" || user == "0" || user.is_empty() {
+        argv.extend(
+            [
+                "--no-new-privs",
+                "--inh-caps=-all",
+                "--bounding-set=-all,+setuid,+setgid,+sys_chroot",
+            ]
+            .map(String::from),
+        );
+        argv.push(chroot.display().to_string());
+        need("setpriv", "util-linux")?
+    } else {
+        argv.push(format!("--userspec={user}"));
+        chroot
+    };
+    argv.push(root.display().to_string());
+    argv.push("/paheko-push".into());
+    argv.extend(args.iter().map(|a| a.to_string()));
+    Some((program, argv))
+}
+
+/// Issue 14 §1: compose mounts the secret file as it is on the host, root's and mode
+/// 0600 (the README's umask 077) or 0400, and applies no uid or mode to it. The image,
+/// run from its exported root as compose would start it, must read it, deliver with
+/// it, and by then run as 65532:65532 with no capability left; its HEALTHCHECK command
+/// too. A file of another owner fails with a message saying what to do.
+#[test]
+fn the_image_reads_a_root_only_compose_secret_then_runs_as_65532() {
+    let Some(image) = artifact("PAHEKO_PUSH_TEST_IMAGE", "the container image") else {
+        return;
+    };
+    let Some(podman) = need("podman", "podman") else {
+        return;
+    };
+    // SAFETY: geteuid takes nothing and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        skip("the compose secret test: it needs root, to own the secret as root and run as 65532");
+        return;
+    }
+    let (user, image_env) = image_config(&podman, &image);
+    let root = image_root(&podman, &image);
+    fs::create_dir_all(root.path().join("run/secrets")).unwrap();
+    let secret = root.path().join("run/secrets/paheko_push_secret");
+    let compose = fs::read_to_string(Path::new(ROOT).join("deploy/compose.yaml")).unwrap();
+    let port = free_port();
+    let redis = RedisServer::start_with(&["--port", &port.to_string(), "--bind", "127.0.0.1"]);
+    let sink = Sink::ok();
+    let mut conn = redis.conn();
+    // The image's environment, then compose's, then what this machine needs instead
+    // of compose's network names (and a free health port).
+    let mut env: Vec<(String, String)> =
+        image_env.into_iter().filter(|(k, _)| k != "PATH").collect();
+    env = env_with(env, compose_section(&compose, "environment"));
+    let redis_url = format!("redis://127.0.0.1:{port}/0");
+    env = env_with(
+        env,
+        [
+            ("REDIS_URL", redis_url.as_str()),
+            ("PAHEKO_PLUGIN_URL", sink.url().as_str()),
+            ("PAHEKO_PUSH_HEALTH_ADDR", "127.0.0.1:0"),
+            ("PAHEKO_PUSH_BACKOFF_SECONDS", "0.05"),
+        ],
+    );
+    assert!(
+        env.iter().any(
+            |(k, v)| k == "PAHEKO_PLUGIN_SECRET_FILE" && v == "/run/secrets/paheko_push_secret"
+        )
+    );
+
+    for mode in [0o600, 0o400] {
+        let written = format!("compose-secret-{mode:o}");
+        fs::write(&secret, format!("{written}\n")).unwrap();
+        std::os::unix::fs::chown(&secret, Some(0), Some(0)).unwrap();
+        fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+        let sale = format!("sale-{mode:o}");
+        publish_ticket(&mut conn, "cs-compose", &sale);
+        let Some((program, args)) = as_the_image_runs(&user, root.path(), &["run"]) else {
+            return;
+        };
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let worker = Worker::spawn_program(&program, &args, None, &env);
+        let delivered = wait_for("the ticket delivered with the file's secret", T, || {
+            sink.received().into_iter().find(|r| sale_of(r) == sale)
+        });
+        assert_eq!(delivered.header("x-paheko-secret"), Some(written.as_str()));
+        // The process that delivered: no longer root, no capability, no group.
+        let pid = worker.pid();
+        assert_eq!(proc_status(pid, "Uid"), ["65532"; 4], "mode {mode:o}");
+        assert_eq!(proc_status(pid, "Gid"), ["65532"; 4], "mode {mode:o}");
+        assert!(proc_status(pid, "Groups").is_empty(), "mode {mode:o}");
+        assert_eq!(proc_status(pid, "CapEff"), ["0000000000000000"]);
+        assert_eq!(proc_status(pid, "CapPrm"), ["0000000000000000"]);
+
+        // The HEALTHCHECK's command, run the same way beside it.
+        let addr = worker.health_addr();
+        let health = env_with(env.clone(), [("PAHEKO_PUSH_HEALTH_ADDR", addr.as_str())]);
+        let (program, args) = as_the_image_runs(&user, root.path(), &["health"]).unwrap();
+        let probed = output(
+            Command::new(&program)
+                .args(&args)
+                .env_clear()
+                .envs(health.iter().map(|(k, v)| (k, v))),
+        );
+        assert!(
+            probed.status.success(),
+            "health, secret mode {mode:o}: {probed:?}"
+        );
+        drop(worker);
+    }
+
+    // Another owner's file (a non-root administrator's, with rootful Docker): the
+    // worker cannot read it without capabilities, and says what to do.
+    std::os::unix::fs::chown(&secret, Some(1000), Some(1000)).unwrap();
+    fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let (program, args) = as_the_image_runs(&user, root.path(), &["check"]).unwrap();
+    let checked = output(
+        Command::new(&program)
+            .args(&args)
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v))),
+    );
+    let said = String::from_utf8_lossy(&checked.stderr);
+    assert_eq!(checked.status.code(), Some(2), "{checked:?}");
+    assert!(
+        said.contains("PAHEKO_PLUGIN_SECRET_FILE")
+            && said.contains("Permission denied")
+            && said.contains("must belong to root"),
+        "{said}"
+    );
+}
+
+/// The commands of the README's fenced shell blocks, one per line, comments removed.
+fn readme_commands() -> Vec<String> {
+    let readme = fs::read_to_string(Path::new(ROOT).join("README.md")).unwrap();
+    let mut out = Vec::new();
+    let mut in_shell = false;
+    for line in readme.lines() {
+        if line.starts_with("```") {
+            in_shell = !in_shell && line.trim() == "```sh";
+            continue;
+        }
+        if in_shell {
+            let command = line.split(" # ").next().unwrap_or("").trim();
+            if !command.is_empty() && !command.starts_with('#') {
+                out.push(command.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Issue 14 §3: `podman build` as the README writes it keeps the HEALTHCHECK (podman's
+/// default OCI format has none). Built here with the README's words, a test tag aside.
+#[test]
+fn the_readmes_podman_build_keeps_the_healthcheck() {
+    let Some(static_bin) = artifact("PAHEKO_PUSH_TEST_STATIC", "the static binary") else {
+        return;
+    };
+    let Some(podman) = need("podman", "podman") else {
+        return;
+    };
+    assert!(
+        Path::new(ROOT)
+            .join("target/x86_64-unknown-linux-gnu/release/paheko-push")
+            .canonicalize()
+            .ok()
+            == Path::new(&static_bin).canonicalize().ok(),
+        "the Containerfile copies target/x86_64-unknown-linux-gnu/release/paheko-push"
+    );
+    let builds: Vec<String> = readme_commands()
+        .into_iter()
+        .filter(|c| c.starts_with("podman build"))
+        .collect();
+    assert!(!builds.is_empty(), "the README names no podman build");
+    for build in builds {
+        let tag = format!("localhost/paheko-push-readme-test:{}", std::process::id());
+        let words: Vec<String> = build
+            .split_whitespace()
+            .map(|w| {
+                if w.starts_with("localhost/paheko-push:") {
+                    tag.clone()
+                } else {
+                    w.to_string()
+                }
+            })
+            .collect();
+        assert!(
+            words.contains(&tag),
+            "{build}: no localhost/paheko-push tag"
+        );
+        let built = output(Command::new(&podman).args(&words[1..]).current_dir(ROOT));
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&built.stdout),
+            String::from_utf8_lossy(&built.stderr)
+        );
+        let inspect = output(Command::new(&podman).args(["image", "inspect", &tag]));
+        let _ = output(Command::new(&podman).args(["rmi", "--force", &tag]));
+        assert!(built.status.success(), "{build}:\n{said}");
+        let inspect: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+        assert_eq!(
+            inspect[0]["Healthcheck"]["Test"],
+            serde_json::json!(["CMD", "/paheko-push", "health"]),
+            "{build} built an image without the HEALTHCHECK:\n{said}"
+        );
+    }
+}
+
+/// Issue 14 §4: the README's `apt install ./…deb` names the file scripts/package built,
+/// from the repository's root where the README's commands run.
+#[test]
+fn the_readmes_apt_install_names_the_package_scripts_package_builds() {
+    let Some(deb) = artifact("PAHEKO_PUSH_TEST_DEB", "the Debian package") else {
+        return;
+    };
+    let installs: Vec<String> = readme_commands()
+        .into_iter()
+        .filter(|c| c.starts_with("apt install "))
+        .collect();
+    assert!(!installs.is_empty(), "the README has no apt install");
+    for install in installs {
+        let path = install.split_whitespace().nth(2).unwrap();
+        assert!(path.starts_with("./"), "{install}: apt needs ./ for a file");
+        assert_eq!(
+            Path::new(ROOT).join(path).canonicalize().ok(),
+            Path::new(&deb).canonicalize().ok(),
+            "{install}"
+        );
+    }
+}
+
+/// The package's maintainer scripts, run as dpkg would (`prerm remove`, `postrm
+/// purge`, `postinst configure OLD`) in a mount namespace whose /etc and /run are
+/// empty tmpfs: /etc/paheko-push as an administrator left it, systemd running, and
+/// stand-ins for systemctl and the debhelper tools that record their arguments.
+/// Returns what they recorded and the files left in /etc.
+fn run_maintainer_script(control: &Path, script: &str, args: &[&str]) -> (String, Vec<String>) {
+    let Some(unshare) = need("unshare", "util-linux") else {
+        return (String::new(), Vec::new());
+    };
+    let fake = temp("paheko-fake-bin-");
+    let record = fake.path().join("calls");
+    for tool in ["systemctl", "deb-systemd-helper", "deb-systemd-invoke"] {
+        let path = fake.path().join(tool);
+        fs::write(
+            &path,
+            format!("#!/bin/sh\necho \"{tool} $*\" >> {}\n", record.display()),
+        )
+        .unwrap();
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let setup = r#"set -e
+mount -t tmpfs tmpfs /etc
+mount -t tmpfs tmpfs /run
+mkdir -p /run/systemd/system /etc/paheko-push /etc/systemd/system/multi-user.target.wants
+for f in paheko-push.env secret shop1.env shop1.secret; do echo x > /etc/paheko-push/$f; done
+ln -s /usr/lib/systemd/system/paheko-push@.service \
+  /etc/systemd/system/multi-user.target.wants/paheko-push@shop1.service
+ln -s /usr/lib/systemd/system/paheko-push.service \
+  /etc/systemd/system/multi-user.target.wants/paheko-push.service
+# The debhelper snippets test for these tools at their absolute paths.
+PATH="$FAKE:$PATH" sh -e "$SCRIPT" "$@"
+find /etc -mindepth 1 | sort > "$FAKE/left"
+"#;
+    let out = output(
+        Command::new(unshare)
+            .args(["-r", "-m", "sh", "-c", setup, "sh"])
+            .args(args)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("FAKE", fake.path())
+            .env("SCRIPT", control.join(script)),
+    );
+    assert!(out.status.success(), "{script} {args:?}: {out:?}");
+    let calls = fs::read_to_string(&record).unwrap_or_default();
+    let left = fs::read_to_string(fake.path().join("left"))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    (calls, left)
+}
+
+/// Issue 14 §6 and §8: removing the package stops the per-shop instances too; purging
+/// it removes /etc/paheko-push, the secret and the shops' files included, and the
+/// links that enabled its units; an upgrade restarts the running instances.
+#[test]
+fn remove_stops_every_instance_and_purge_leaves_nothing_in_etc() {
+    let Some(deb) = artifact("PAHEKO_PUSH_TEST_DEB", "the Debian package") else {
+        return;
+    };
+    if need("dpkg-deb", "dpkg").is_none() {
+        return;
+    }
+    let control = temp("paheko-deb-scripts-");
+    succeed(
+        Command::new("dpkg-deb")
+            .arg("-e")
+            .arg(&deb)
+            .arg(control.path()),
+    );
+
+    let (calls, left) = run_maintainer_script(control.path(), "prerm", &["remove"]);
+    if left.is_empty() {
+        return;
+    }
+    assert!(
+        calls
+            .lines()
+            .any(|l| l == "systemctl stop paheko-push@*.service"),
+        "prerm remove did not stop the instances:\n{calls}"
+    );
+    assert!(
+        calls
+            .lines()
+            .any(|l| l.contains("stop") && l.contains("paheko-push.service")),
+        "prerm remove did not stop paheko-push.service:\n{calls}"
+    );
+    assert!(
+        left.contains(&"/etc/paheko-push/secret".to_string()),
+        "{left:?}"
+    );
+
+    let (calls, left) = run_maintainer_script(control.path(), "postrm", &["remove"]);
+    assert!(
+        left.contains(&"/etc/paheko-push/secret".to_string()),
+        "remove is not purge: {left:?}\n{calls}"
+    );
+
+    let (calls, left) = run_maintainer_script(control.path(), "postrm", &["purge"]);
+    let ours: Vec<&String> = left.iter().filter(|p| p.contains("paheko-push")).collect();
+    assert!(ours.is_empty(), "purge left {ours:?}\n{calls}");
+
+    let (calls, _) = run_maintainer_script(control.path(), "postinst", &["configure", "0.0.9-1"]);
+    assert!(
+        calls
+            .lines()
+            .any(|l| l == "systemctl try-restart paheko-push@*.service"),
+        "an upgrade does not restart the instances:\n{calls}"
+    );
+    let (calls, _) = run_maintainer_script(control.path(), "postinst", &["configure"]);
+    assert!(
+        !calls.contains("restart") && !calls.contains("start paheko"),
+        "a first installation started something:\n{calls}"
+    );
+}
+
+/// Issue 14 §9: deploy/compose.yaml is valid against the Compose specification's JSON
+/// schema (the one Debian's docker-compose package ships), Docker Compose reads it,
+/// and podman-compose turns it into a `podman run` on RecyClique's network, with the
+/// image's own exec-form healthcheck (no /bin/sh -c), SETUID and SETGID only.
+#[test]
+fn the_compose_file_is_valid_and_podman_compose_runs_it_on_recycliques_network() {
+    const SCHEMA: &str = "/usr/lib/python3/dist-packages/compose/config/compose_spec.json";
+    // Debian's python3 (the jsonschema and yaml modules are its packages).
+    let python = if Path::new("/usr/bin/python3").is_file() {
+        PathBuf::from("/usr/bin/python3")
+    } else {
+        let Some(p) = need("python3", "python3") else {
+            return;
+        };
+        p
+    };
+    if !Path::new(SCHEMA).is_file() {
+        skip(&format!(
+            "{SCHEMA} is missing (scripts/test installs the docker-compose package)"
+        ));
+        return;
+    }
+    let project = temp("paheko-compose-");
+    fs::copy(
+        Path::new(ROOT).join("deploy/compose.yaml"),
+        project.path().join("compose.yaml"),
+    )
+    .unwrap();
+    fs::write(project.path().join("paheko_push_secret.txt"), "x").unwrap();
+    let validated = output(
+        Command::new(&python)
+            .args([
+                "-c",
+                "import json, sys, yaml, jsonschema\n\
+                 schema = json.load(open(sys.argv[1]))\n\
+                 jsonschema.validate(yaml.safe_load(open(sys.argv[2])), schema)\n\
+                 print('valid against', schema['title'], schema.get('$schema'))",
+                SCHEMA,
+            ])
+            .arg(project.path().join("compose.yaml")),
+    );
+    assert!(validated.status.success(), "{validated:?}");
+
+    if let Some(compose) = need("docker-compose", "docker-compose") {
+        let config = output(
+            Command::new(compose)
+                .args(["-f", "compose.yaml", "config"])
+                .current_dir(project.path()),
+        );
+        assert!(config.status.success(), "{config:?}");
+    }
+
+    let Some(podman_compose) = need("podman-compose", "podman-compose") else {
+        return;
+    };
+    // A stand-in for podman: says the external network exists and records the rest.
+    let fake = project.path().join("podman");
+    fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {}\n",
+            project.path().join("podman-calls").display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let up = output(
+        Command::new(podman_compose)
+            .arg("--podman-path")
+            .arg(&fake)
+            .args(["--dry-run", "-f", "compose.yaml", "up", "-d"])
+            .current_dir(project.path()),
+    );
+    let said = String::from_utf8_lossy(&up.stdout).into_owned();
+    assert!(up.status.success(), "{up:?}");
+    let run = said
+        .lines()
+        .find(|l| l.contains(" run ") && l.contains("localhost/paheko-push:"))
+        .unwrap_or_else(|| panic!("no podman run:\n{said}"));
+    for part in [
+        "--net recyclic-network",
+        "--cap-drop ALL",
+        "--cap-add SETUID",
+        "--cap-add SETGID",
+        "--read-only",
+        "--security-opt no-new-privileges:true",
+        "paheko_push_secret.txt:/run/secrets/paheko_push_secret:ro",
+    ] {
+        assert!(run.contains(part), "{part} missing: {run}");
+    }
+    assert!(!run.contains("--healthcheck-command"), "{run}");
+}
+
+/// Issue 14: the plugin's path was /push in one file and /push.php in another. The
+/// real plugin answers at /p/recyclique/; every example says so.
+#[test]
+fn the_plugin_url_is_the_same_in_every_example() {
+    for file in [
+        ".env.example",
+        "deploy/compose.yaml",
+        "docs/systemd.md",
+        "README.md",
+    ] {
+        let text = fs::read_to_string(Path::new(ROOT).join(file)).unwrap();
+        assert!(text.contains("/p/recyclique/"), "{file}");
+        for other in ["push.php", "/p/recyclique/push"] {
+            assert!(!text.contains(other), "{file} says {other}");
+        }
+    }
+    let example = fs::read_to_string(Path::new(ROOT).join(".env.example")).unwrap();
+    assert!(
+        example
+            .lines()
+            .any(|l| l == "PAHEKO_PLUGIN_URL=https://paheko.example.org/p/recyclique/"),
+        "{example}"
     );
 }

@@ -303,8 +303,15 @@ fn check_reports_redis_the_group_and_a_valid_certificate() {
         finished.stdout.contains("all checks passed"),
         "{finished:?}"
     );
-    assert_eq!(plugin.handshakes(), 1, "one TLS connection");
-    assert!(plugin.received().is_empty(), "check posted something");
+    // The certificate check, then the ping (issue 14): one request, a ping.
+    assert_eq!(plugin.handshakes(), 2, "two TLS connections");
+    let posted = plugin.received();
+    assert_eq!(posted.len(), 1, "check posted more than its ping");
+    assert_eq!(posted[0].header("x-paheko-event"), Some("ping"));
+    assert!(
+        check_line(&finished, "ping").starts_with("ok"),
+        "{finished:?}"
+    );
     assert_eq!(sink.count(), 0);
     assert_eq!(
         pending_count(&mut conn, STREAM, GROUP),

@@ -18,6 +18,7 @@ mod held;
 mod lifecycle;
 mod metrics;
 mod observability;
+mod operator;
 mod packaging;
 mod receiver;
 mod resilience;
