@@ -12,6 +12,7 @@
 //! stop is one flag plus a closed channel ([`shutdown`]).
 
 pub mod acker;
+pub mod booking;
 pub mod breaker;
 pub mod budget;
 pub mod check;
