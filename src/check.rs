@@ -111,6 +111,7 @@ pub fn run(config: &Config) -> Vec<Line> {
     )];
     lines.extend(redis_checks(config));
     lines.push(plugin_check(config));
+    lines.extend(crate::paheko_api::check(config));
     lines
 }
 

@@ -27,6 +27,7 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod order;
+pub mod paheko_api;
 pub mod probe;
 pub mod pusher;
 pub mod reader;
@@ -112,7 +113,7 @@ fn load_config() -> Result<Config, Error> {
 
 const USAGE: &str = "usage: paheko-push [run]
        paheko-push check
-       paheko-push dead list [--json] | show ID... | replay ID...|--all | drop ID...
+       paheko-push dead list [--json] | show ID... | replay ID...|--all | drop ID... | book ID...
 Delivers RecyClique's cash events from Redis to the Paheko plugin.
 Configuration comes from the environment and ./.env; see README.md.";
 
@@ -169,7 +170,8 @@ pub fn run(config: Config) -> Result<(), Error> {
                 Arc::clone(&stats),
                 shutdown.clone(),
                 Arc::clone(&breaker_signal),
-            ));
+            )
+            .with_target(&config));
             let liveness = watched_threads(&config);
             let budget = Arc::new(budget::Budget::default());
             let (roles_tx, roles_rx) = crossbeam_channel::unbounded();

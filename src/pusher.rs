@@ -130,6 +130,8 @@ pub struct Pusher {
     stats: Arc<Stats>,
     shutdown: Shutdown,
     breaker: Arc<Signal>,
+    /// `PAHEKO_PUSH_TARGET=paheko-api`: events go to Paheko's own API instead.
+    api: Option<crate::paheko_api::Client>,
 }
 
 impl Pusher {
@@ -146,7 +148,14 @@ impl Pusher {
             stats,
             shutdown,
             breaker,
+            api: None,
         }
+    }
+
+    /// Delivers through Paheko's own API when the configuration says so (issue 16 §2).
+    pub fn with_target(mut self, config: &crate::config::Config) -> Pusher {
+        self.api = crate::paheko_api::Client::for_config(&self.agent, config);
+        self
     }
 
     /// The agent every pusher shares: one connection pool, a global timeout per request
@@ -196,7 +205,10 @@ impl Pusher {
             } else if !probe && self.breaker.is_open() {
                 Reply::HeldBack
             } else {
-                let reply = self.post(&event);
+                let reply = match &self.api {
+                    Some(api) => api.deliver(&event),
+                    None => self.post(&event),
+                };
                 self.stats.request_duration.observe(started.elapsed());
                 reply
             };
@@ -267,7 +279,7 @@ impl Pusher {
 }
 
 /// A transport error in words an operator can act on, naming the timeout that fired.
-fn describe(e: &ureq::Error) -> String {
+pub(crate) fn describe(e: &ureq::Error) -> String {
     match e {
         ureq::Error::Timeout(which) => format!("timeout: {which:?} timeout fired"),
         ureq::Error::ConnectionFailed => {
