@@ -442,7 +442,11 @@ impl Config {
                 crate::booking::DEFAULT_PAYMENT_ACCOUNTS,
             ))
             .map_err(|e| err("PAHEKO_PUSH_PAYMENT_ACCOUNTS", e))?,
-            sales: account("PAHEKO_PUSH_SALES_ACCOUNT", raw.paheko_push_sales_account, "707")?,
+            sales: account(
+                "PAHEKO_PUSH_SALES_ACCOUNT",
+                raw.paheko_push_sales_account,
+                "707",
+            )?,
             shortage: account(
                 "PAHEKO_PUSH_CASH_SHORTAGE_ACCOUNT",
                 raw.paheko_push_cash_shortage_account,
@@ -486,11 +490,14 @@ impl Config {
                     accounts,
                     zone,
                 )?;
-                plugin = api.as_ref().map(|api| Plugin {
-                    url: api.url.clone(),
-                    secret: api.password.clone(),
-                    auth: Auth::Header,
-                }).map_err(Clone::clone);
+                plugin = api
+                    .as_ref()
+                    .map(|api| Plugin {
+                        url: api.url.clone(),
+                        secret: api.password.clone(),
+                        auth: Auth::Header,
+                    })
+                    .map_err(Clone::clone);
                 match api {
                     Ok(api) => Target::PahekoApi(std::sync::Arc::new(api)),
                     Err(_) => Target::Plugin,
@@ -905,7 +912,9 @@ fn account(var: &str, value: Option<String>, default: &str) -> Result<String, Co
     if !crate::booking::is_account_code(&code) {
         return Err(err(
             var,
-            format!("expected an account code of letters and digits such as {default}, got {code:?}"),
+            format!(
+                "expected an account code of letters and digits such as {default}, got {code:?}"
+            ),
         ));
     }
     Ok(code)
@@ -921,7 +930,9 @@ fn paheko_api(
     accounts: crate::booking::Accounts,
     zone: crate::booking::TimeZone,
 ) -> Result<Result<PahekoApi, Missing>, ConfigError> {
-    let url = url.map(|u| u.trim().trim_end_matches('/').to_string()).filter(|u| !u.is_empty());
+    let url = url
+        .map(|u| u.trim().trim_end_matches('/').to_string())
+        .filter(|u| !u.is_empty());
     if let Some(url) = &url {
         let lower = url.to_ascii_lowercase();
         let host = lower
@@ -956,7 +967,10 @@ fn paheko_api(
         }
     }
     let user = user.map(|u| u.trim().to_string()).filter(|u| !u.is_empty());
-    if user.as_deref().is_some_and(|u| u.contains(':') || u.bytes().any(|b| b < 0x20)) {
+    if user
+        .as_deref()
+        .is_some_and(|u| u.contains(':') || u.bytes().any(|b| b < 0x20))
+    {
         return Err(err(
             "PAHEKO_API_USER",
             "cannot contain a colon or a control character (HTTP Basic)",
@@ -989,7 +1003,10 @@ fn secret_value(
     value: Option<String>,
     file: Option<String>,
 ) -> Result<Option<String>, ConfigError> {
-    match (value.filter(|s| !s.is_empty()), file.filter(|f| !f.trim().is_empty())) {
+    match (
+        value.filter(|s| !s.is_empty()),
+        file.filter(|f| !f.trim().is_empty()),
+    ) {
         (Some(_), Some(_)) => Err(err(
             file_var,
             format!("set either {var} or {file_var}, not both"),

@@ -66,7 +66,9 @@ const DETAIL_WIDTH: usize = 60;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Help,
-    List { json: bool },
+    List {
+        json: bool,
+    },
     Show(Vec<StreamId>),
     Replay(Target),
     Drop(Vec<StreamId>),
@@ -698,7 +700,9 @@ impl Tools<'_> {
             )));
         }
         for entry in &mut entries {
-            entry.original.retain(|(n, _)| n != RESOLUTION_FIELD.as_bytes());
+            entry
+                .original
+                .retain(|(n, _)| n != RESOLUTION_FIELD.as_bytes());
             entry.original.push((
                 RESOLUTION_FIELD.as_bytes().to_vec(),
                 BOOK_AS_RECEIVED.as_bytes().to_vec(),

@@ -164,14 +164,16 @@ pub fn run(config: Config) -> Result<(), Error> {
                 config.plugin_ca.as_ref(),
             );
             let breaker_signal = Arc::new(breaker::Signal::default());
-            let pusher = Arc::new(pusher::Pusher::new(
-                agent,
-                plugin.clone(),
-                Arc::clone(&stats),
-                shutdown.clone(),
-                Arc::clone(&breaker_signal),
-            )
-            .with_target(&config));
+            let pusher = Arc::new(
+                pusher::Pusher::new(
+                    agent,
+                    plugin.clone(),
+                    Arc::clone(&stats),
+                    shutdown.clone(),
+                    Arc::clone(&breaker_signal),
+                )
+                .with_target(&config),
+            );
             let liveness = watched_threads(&config);
             let budget = Arc::new(budget::Budget::default());
             let (roles_tx, roles_rx) = crossbeam_channel::unbounded();

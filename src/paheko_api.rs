@@ -208,7 +208,9 @@ impl Client {
             ));
         };
         let mut cmd = redis::cmd("HSET");
-        cmd.arg(session_key(&self.stream, &session)).arg("opened").arg(1);
+        cmd.arg(session_key(&self.stream, &session))
+            .arg("opened")
+            .arg(1);
         for name in ["register_id", "site_id", "operator_id", "opened_at"] {
             if let Some(v) = scalar(o.get(name)) {
                 cmd.arg(name).arg(v);
@@ -262,11 +264,10 @@ impl Client {
             ));
         }
         let key = session_key(&self.stream, &close.session_id);
-        let session: BTreeMap<String, String> =
-            match redis.query(redis::cmd("HGETALL").arg(&key)) {
-                Ok(s) => s,
-                Err(e) => return redis_failed(e),
-            };
+        let session: BTreeMap<String, String> = match redis.query(redis::cmd("HGETALL").arg(&key)) {
+            Ok(s) => s,
+            Err(e) => return redis_failed(e),
+        };
         if let Some(id) = session.get("booked") {
             return ok(json!({ "status": "booked", "transaction": id, "repeat": true }));
         }
@@ -365,7 +366,10 @@ impl Client {
                 // A 2xx the worker cannot read is not an answer: try again.
                 status: 502,
                 retry_after: None,
-                body: format!("/api/sql answered {status} without results: {}", reduce(&body)),
+                body: format!(
+                    "/api/sql answered {status} without results: {}",
+                    reduce(&body)
+                ),
             }),
             _ => Err(Failed::Status {
                 status,
@@ -391,7 +395,10 @@ impl Client {
             (200..=299, _) => Err(BookFailed::Other(Failed::Status {
                 status: 502,
                 retry_after: None,
-                body: format!("Paheko answered {status} without the entry's id: {}", reduce(&answer)),
+                body: format!(
+                    "Paheko answered {status} without the entry's id: {}",
+                    reduce(&answer)
+                ),
             })),
             (400, Some(v)) => {
                 let message = v["error"].as_str().unwrap_or("").to_string();
@@ -489,7 +496,12 @@ fn mark_booked(
 
 /// The running totals of a session's hash.
 pub fn totals_of(session: &BTreeMap<String, String>) -> Totals {
-    let num = |name: &str| session.get(name).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+    let num = |name: &str| {
+        session
+            .get(name)
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0)
+    };
     Totals {
         tickets: num("tickets").max(0) as u64,
         items: num("items").max(0) as u64,
@@ -627,7 +639,9 @@ pub fn check(config: &Config) -> Vec<Line> {
     .to_string();
     let open = years.iter().find(|y| {
         y["status"].as_i64() == Some(0)
-            && y["start_date"].as_str().is_some_and(|s| s <= today.as_str())
+            && y["start_date"]
+                .as_str()
+                .is_some_and(|s| s <= today.as_str())
             && y["end_date"].as_str().is_some_and(|e| e >= today.as_str())
     });
     let Some(year) = open else {
@@ -721,7 +735,10 @@ mod tests {
     #[test]
     fn html_pages_are_reduced_to_their_title() {
         let page = "<html><head><TITLE>Erreur interne</TITLE></head><body>SQLite: database is locked</body></html>";
-        assert_eq!(reduce(page), "HTML page: Erreur interne (database is locked)");
+        assert_eq!(
+            reduce(page),
+            "HTML page: Erreur interne (database is locked)"
+        );
         assert_eq!(reduce("{\"error\":\"x\"}"), "{\"error\":\"x\"}");
         assert_eq!(reduce(&"é".repeat(2000)).len(), 1024);
     }
@@ -760,7 +777,10 @@ mod tests {
             lines: Vec::new(),
         };
         for (message, code) in [
-            ("Cannot find a valid open year matching \"match\"", Code::NoOpenYear),
+            (
+                "Cannot find a valid open year matching \"match\"",
+                Code::NoOpenYear,
+            ),
             (
                 "Le compte avec le code \"511\" sur la ligne 1 n'existe pas.",
                 Code::UnknownAccount,

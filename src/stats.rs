@@ -114,6 +114,8 @@ impl Stats {
             || self.trimmed_records.load(Relaxed) > 0
             || self.paheko_down_since.load(Relaxed) != 0
             || self.backlog_warning()
+            // A dead letter waits for a person: a held session (issue 16) among them.
+            || self.dead_letters.load(Relaxed) > 0
         {
             "degraded"
         } else {

@@ -19,6 +19,7 @@ mod lifecycle;
 mod metrics;
 mod observability;
 mod packaging;
+mod paheko_api;
 mod paheko_plugin;
 mod receiver;
 mod resilience;
