@@ -1193,6 +1193,9 @@ mod tests {
     fn the_zoneinfo_file_agrees_with_the_rule() {
         let path = std::path::Path::new(ZONEINFO).join("Europe/Paris");
         let Ok(data) = std::fs::read(&path) else {
+            // scripts/test installs tzdata (a dependency of php8.2-common).
+            let ci = std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"));
+            assert!(!ci, "under CI nothing may be skipped: no {}", path.display());
             eprintln!("skipped: no {}", path.display());
             return;
         };

@@ -1346,6 +1346,75 @@ mod tests {
     }
 
     #[test]
+    fn paheko_api_mode() {
+        let api = [
+            ("PAHEKO_PUSH_TARGET", "paheko-api"),
+            ("PAHEKO_URL", "https://paheko.example.org/"),
+            ("PAHEKO_API_USER", "recyclique"),
+            ("PAHEKO_API_PASSWORD", "hunter2-api"),
+        ];
+        let c = config(&api).unwrap();
+        let Target::PahekoApi(settings) = &c.target else {
+            panic!("{:?}", c.target)
+        };
+        assert_eq!(settings.url, "https://paheko.example.org");
+        assert_eq!(settings.accounts, crate::booking::Accounts::default());
+        assert_eq!(settings.zone.name, "Europe/Paris");
+        // The destination the delivery machinery sees; the password is a secret.
+        assert_eq!(c.plugin.as_ref().unwrap().url, "https://paheko.example.org");
+        assert!(c.secrets().contains(&"hunter2-api".to_string()));
+        assert!(!format!("{c:?}").contains("hunter2-api"), "{c:?}");
+        // The default stays the plugin.
+        assert!(matches!(config(&[]).unwrap().target, Target::Plugin));
+        // A missing variable: nothing is delivered, the worker waits.
+        let c = config(&api[..3]).unwrap();
+        assert_eq!(c.plugin.unwrap_err(), Missing("PAHEKO_API_PASSWORD"));
+        let c = config(&[api[0], api[2], api[3]]).unwrap();
+        assert_eq!(c.plugin.unwrap_err(), Missing("PAHEKO_URL"));
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut vars: Vec<(&str, &str)> = api
+                .iter()
+                .filter(|(k, _)| !extra.iter().any(|(e, _)| e == k))
+                .copied()
+                .collect();
+            vars.extend_from_slice(extra);
+            config(&vars)
+        };
+        let c = with(&[
+            ("PAHEKO_PUSH_PAYMENT_ACCOUNTS", "especes:530,bon:4191"),
+            ("PAHEKO_PUSH_SALES_ACCOUNT", "7070"),
+            ("PAHEKO_PUSH_TIMEZONE", "UTC"),
+        ])
+        .unwrap();
+        let Target::PahekoApi(settings) = &c.target else {
+            panic!()
+        };
+        assert_eq!(settings.accounts.for_method("bon"), Some("4191"));
+        assert_eq!(settings.accounts.sales, "7070");
+        assert_eq!(settings.zone.offset_at(1_800_000_000), 0);
+        for (var, value, says) in [
+            ("PAHEKO_PUSH_TARGET", "api", "plugin or paheko-api"),
+            ("PAHEKO_URL", "paheko.example.org", "https://"),
+            ("PAHEKO_URL", "http://paheko.example.org", "PAHEKO_PUSH_ALLOW_HTTP"),
+            ("PAHEKO_URL", "https://u:p@paheko.example.org", "alone"),
+            ("PAHEKO_API_USER", "a:b", "colon"),
+            ("PAHEKO_PUSH_PAYMENT_ACCOUNTS", "especes=530", "method:account"),
+            ("PAHEKO_PUSH_SALES_ACCOUNT", "70 7", "account code"),
+            ("PAHEKO_PUSH_CASH_SHORTAGE_ACCOUNT", "-", "account code"),
+            ("PAHEKO_PUSH_CASH_SURPLUS_ACCOUNT", "7.58", "account code"),
+            ("PAHEKO_PUSH_TIMEZONE", "Mars/Olympus", "tzdata"),
+            ("PAHEKO_PUSH_DEAD_LETTER_STATUSES", "400,409", "422"),
+        ] {
+            let e = with(&[(var, value)]).unwrap_err();
+            assert_eq!(e.var, var, "{var}={value}: {e}");
+            assert!(e.problem.contains(says), "{var}={value}: {e}");
+        }
+        let e = with(&[("PAHEKO_API_PASSWORD_FILE", "/nonexistent")]).unwrap_err();
+        assert_eq!(e.var, "PAHEKO_API_PASSWORD_FILE");
+        assert!(e.problem.contains("not both"), "{e}");
+    }
+
+    #[test]
     fn ca_files_are_read_and_checked() {
         let dir = std::env::temp_dir().join(format!("paheko-push-ca-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

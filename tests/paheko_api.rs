@@ -588,6 +588,9 @@ fn a_ressourcerie_day_through_pahekos_api_books_each_session_once() {
     assert_eq!(dead.len(), 1, "{dead:#?}");
     assert_eq!(detail_code(&dead[0]), "after_close", "{dead:#?}");
     assert_eq!(paheko.all_entries().len(), 5);
+    let password = paheko.api_password();
+    assert!(is_distinctive(&password));
+    assert_eq!(leaks(&worker.stderr(), &password), Vec::<String>::new());
     worker.sigterm();
     worker.wait_exit(Duration::from_secs(20));
 }
