@@ -1195,7 +1195,11 @@ mod tests {
         let Ok(data) = std::fs::read(&path) else {
             // scripts/test installs tzdata (a dependency of php8.2-common).
             let ci = std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"));
-            assert!(!ci, "under CI nothing may be skipped: no {}", path.display());
+            assert!(
+                !ci,
+                "under CI nothing may be skipped: no {}",
+                path.display()
+            );
             eprintln!("skipped: no {}", path.display());
             return;
         };

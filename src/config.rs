@@ -1395,10 +1395,18 @@ mod tests {
         for (var, value, says) in [
             ("PAHEKO_PUSH_TARGET", "api", "plugin or paheko-api"),
             ("PAHEKO_URL", "paheko.example.org", "https://"),
-            ("PAHEKO_URL", "http://paheko.example.org", "PAHEKO_PUSH_ALLOW_HTTP"),
+            (
+                "PAHEKO_URL",
+                "http://paheko.example.org",
+                "PAHEKO_PUSH_ALLOW_HTTP",
+            ),
             ("PAHEKO_URL", "https://u:p@paheko.example.org", "alone"),
             ("PAHEKO_API_USER", "a:b", "colon"),
-            ("PAHEKO_PUSH_PAYMENT_ACCOUNTS", "especes=530", "method:account"),
+            (
+                "PAHEKO_PUSH_PAYMENT_ACCOUNTS",
+                "especes=530",
+                "method:account",
+            ),
             ("PAHEKO_PUSH_SALES_ACCOUNT", "70 7", "account code"),
             ("PAHEKO_PUSH_CASH_SHORTAGE_ACCOUNT", "-", "account code"),
             ("PAHEKO_PUSH_CASH_SURPLUS_ACCOUNT", "7.58", "account code"),

@@ -155,6 +155,10 @@ impl Pusher {
     /// Delivers through Paheko's own API when the configuration says so (issue 16 §2).
     pub fn with_target(mut self, config: &crate::config::Config) -> Pusher {
         self.api = crate::paheko_api::Client::for_config(&self.agent, config);
+        // A held session waits in the dead letters for a person (docs/paheko-api.md).
+        self.stats
+            .dead_letters_degrade
+            .store(self.api.is_some(), std::sync::atomic::Ordering::Relaxed);
         self
     }
 

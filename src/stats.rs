@@ -46,6 +46,8 @@ pub struct Stats {
     pub oldest_pending_age_seconds: AtomicU64,
     /// Length of the dead-letter stream.
     pub dead_letters: AtomicU64,
+    /// Dead letters make /health degraded (API mode, where they are held sessions).
+    pub dead_letters_degrade: AtomicBool,
     /// Entries held in memory (read, not yet settled) and their fields' bytes.
     pub held: AtomicU64,
     pub held_bytes: AtomicU64,
@@ -114,8 +116,9 @@ impl Stats {
             || self.trimmed_records.load(Relaxed) > 0
             || self.paheko_down_since.load(Relaxed) != 0
             || self.backlog_warning()
-            // A dead letter waits for a person: a held session (issue 16) among them.
-            || self.dead_letters.load(Relaxed) > 0
+            // In API mode a dead letter is a held session or ticket (issue 16): booking
+            // waits for a person, so it shows until it is booked or dropped.
+            || (self.dead_letters_degrade.load(Relaxed) && self.dead_letters.load(Relaxed) > 0)
         {
             "degraded"
         } else {

@@ -589,8 +589,15 @@ fn a_ressourcerie_day_through_pahekos_api_books_each_session_once() {
     assert_eq!(detail_code(&dead[0]), "after_close", "{dead:#?}");
     assert_eq!(paheko.all_entries().len(), 5);
     let password = paheko.api_password();
-    assert!(is_distinctive(&password));
-    assert_eq!(leaks(&worker.stderr(), &password), Vec::<String>::new());
+    assert!(
+        password.len() >= 12,
+        "a random password: {}",
+        password.len()
+    );
+    assert!(
+        !worker.stderr().contains(&password),
+        "the API password in the log"
+    );
     worker.sigterm();
     worker.wait_exit(Duration::from_secs(20));
 }
