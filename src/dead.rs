@@ -1068,6 +1068,8 @@ mod tests {
         assert_eq!(p("replay --all"), Ok(Command::Replay(Target::All)));
         assert_eq!(p("drop 5"), Ok(Command::Drop(vec![id("5-0")])));
         assert_eq!(p("drop 1-1 --help"), Ok(Command::Help));
+        assert_eq!(p("book 3-1"), Ok(Command::Book(vec![id("3-1")])));
+        assert!(p("book").is_err() && p("book --all").is_err());
     }
 
     #[test]

@@ -21,6 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
 use redis::Script;
 use serde_json::{Value, json};
@@ -85,6 +86,10 @@ pub struct Client {
     redis_url: String,
     redis_ca: Option<CaFile>,
     idle: Mutex<Vec<Redis>>,
+    /// `PAHEKO_PUSH_TIMEOUT_SECONDS`, for a whole attempt (lookup and POST together),
+    /// so an attempt lasts no longer than a plugin request: a new lease holder waits
+    /// out that long before it takes over (docs/paheko-api.md).
+    timeout: Duration,
 }
 
 /// Why an API call got no usable answer: for the [`Reply`].
@@ -153,11 +158,13 @@ impl Client {
             redis_url: config.redis_url.clone(),
             redis_ca: config.redis_ca.clone(),
             idle: Mutex::new(Vec::new()),
+            timeout: config.timeout,
         }
     }
 
     /// One attempt at `event`, answered as a plugin would.
     pub fn deliver(&self, event: &Event) -> Reply {
+        let deadline = Instant::now() + self.timeout;
         let mut redis = match self.redis() {
             Ok(r) => r,
             Err(e) => return redis_failed(e),
@@ -165,7 +172,7 @@ impl Client {
         let reply = match event.kind.as_str() {
             "pos.session.opened" => self.opened(&mut redis, event),
             "pos.ticket.created" => self.ticket(&mut redis, event),
-            "pos.session.closed" => self.closed(&mut redis, event),
+            "pos.session.closed" => self.closed(&mut redis, event, deadline),
             other => held(&Hold::new(
                 Code::InvalidPayload,
                 json!({ "message": format!(
@@ -252,7 +259,7 @@ impl Client {
         }
     }
 
-    fn closed(&self, redis: &mut Redis, event: &Event) -> Reply {
+    fn closed(&self, redis: &mut Redis, event: &Event, deadline: Instant) -> Reply {
         let close = match booking::parse_close(event.body()) {
             Ok(c) => c,
             Err(hold) => return held(&hold),
@@ -302,13 +309,13 @@ impl Client {
             Ok(Plan::Book(entry)) => entry,
         };
         // Paheko does not de-duplicate: an earlier attempt may have booked it already.
-        let id = match self.lookup(&entry.reference) {
+        let id = match self.lookup(&entry.reference, deadline) {
             Ok(Some(id)) => {
                 log::info!(session_id = close.session_id.as_str(), reference = entry.reference.as_str(), transaction = id;
                     "already in Paheko (an earlier attempt booked it): not booked again");
                 id
             }
-            Ok(None) => match self.book(&entry) {
+            Ok(None) => match self.book(&entry, deadline) {
                 Ok(id) => {
                     log::info!(session_id = close.session_id.as_str(), reference = entry.reference.as_str(),
                         transaction = id, date = entry.date.to_string().as_str(), lines = entry.lines.len(),
@@ -340,12 +347,12 @@ impl Client {
     }
 
     /// The id of the entry with this reference, if Paheko has one.
-    fn lookup(&self, reference: &str) -> Result<Option<i64>, Failed> {
+    fn lookup(&self, reference: &str, deadline: Instant) -> Result<Option<i64>, Failed> {
         let sql = format!(
             "SELECT id FROM acc_transactions WHERE reference = {} ORDER BY id LIMIT 2",
             quote(reference)
         );
-        let found = self.sql(&sql)?;
+        let found = self.sql(&sql, deadline)?;
         let ids: Vec<i64> = found.iter().filter_map(|r| r["id"].as_i64()).collect();
         if ids.len() > 1 {
             log::warn!(reference = reference, transactions = format!("{ids:?}").as_str();
@@ -355,8 +362,9 @@ impl Client {
     }
 
     /// Rows of a read-only `SELECT` through `/api/sql`.
-    fn sql(&self, sql: &str) -> Result<Vec<Value>, Failed> {
-        let (status, retry_after, body) = self.call("/api/sql", "text/plain", sql.as_bytes())?;
+    fn sql(&self, sql: &str, deadline: Instant) -> Result<Vec<Value>, Failed> {
+        let (status, retry_after, body) =
+            self.call("/api/sql", "text/plain", sql.as_bytes(), deadline)?;
         let parsed: Option<Value> = serde_json::from_str(&body).ok();
         match (status, parsed) {
             (200..=299, Some(v)) if v["results"].is_array() => {
@@ -379,13 +387,14 @@ impl Client {
         }
     }
 
-    fn book(&self, entry: &booking::Entry) -> Result<i64, BookFailed> {
+    fn book(&self, entry: &booking::Entry, deadline: Instant) -> Result<i64, BookFailed> {
         let body = entry.api_body().to_string();
         let (status, retry_after, answer) = self
             .call(
                 "/api/accounting/transaction",
                 "application/json",
                 body.as_bytes(),
+                deadline,
             )
             .map_err(BookFailed::Other)?;
         let parsed: Option<Value> = serde_json::from_str(&answer).ok();
@@ -412,16 +421,27 @@ impl Client {
         }
     }
 
-    /// POSTs `body` to `path`; the answer's status, `Retry-After` and body.
+    /// POSTs `body` to `path` if the attempt's time is not over; the answer's status,
+    /// `Retry-After` and body.
     fn call(
         &self,
         path: &str,
         content_type: &str,
         body: &[u8],
+        deadline: Instant,
     ) -> Result<(u16, Option<String>, String), Failed> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left < Duration::from_millis(1) {
+            return Err(Failed::NoAnswer(format!(
+                "timeout: PAHEKO_PUSH_TIMEOUT_SECONDS ran out for this attempt before {path} was sent"
+            )));
+        }
         let response = self
             .agent
             .post(format!("{}{path}", self.api.url))
+            .config()
+            .timeout_global(Some(left))
+            .build()
             .header("Authorization", &self.authorization)
             .header("Content-Type", content_type)
             .header("Accept", "application/json")
@@ -672,7 +692,7 @@ pub fn check(config: &Config) -> Vec<Line> {
         year["id_chart"].as_i64().unwrap_or(0),
         codes.iter().map(|c| quote(c)).collect::<Vec<_>>().join(",")
     );
-    match client.sql(&sql) {
+    match client.sql(&sql, Instant::now() + config.timeout) {
         Ok(rows) => {
             let found: Vec<&str> = rows.iter().filter_map(|r| r["code"].as_str()).collect();
             let missing: Vec<String> = codes

@@ -587,6 +587,17 @@ fn a_ressourcerie_day_through_pahekos_api_books_each_session_once() {
     let dead = dead_letters(&redis);
     assert_eq!(dead.len(), 1, "{dead:#?}");
     assert_eq!(detail_code(&dead[0]), "after_close", "{dead:#?}");
+    // Only a session can be booked as received; the late ticket is entered by hand.
+    let refused = Worker::run_to_end(
+        &["dead", "book", dead[0]["id"].as_str().unwrap()],
+        [("REDIS_URL", redis.url())],
+    );
+    assert_eq!(refused.code(), Some(4), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("not a held pos.session.closed"),
+        "{}",
+        refused.stderr
+    );
     assert_eq!(paheko.all_entries().len(), 5);
     let password = paheko.api_password();
     assert!(
