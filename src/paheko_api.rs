@@ -15,7 +15,7 @@
 //! A hold answers [`HELD_STATUS`] with `{"status":"held","code":…}`, which the acker
 //! dead-letters; Paheko's own 401/403/404 pass through (a refusal of every event), its
 //! 5xx and HTML pages (`database is locked`) through as transient. Redis keys, beside
-//! the stream's: `<stream>:paheko:session:<id>` (hash), `…:folded` and `…:after_close`
+//! the stream's: `<stream>:<group>:paheko:session:<id>` (hash), `…:folded` and `…:after_close`
 //! (sets of idempotency keys). This module decides nothing about retries and never
 //! sleeps.
 
@@ -48,8 +48,10 @@ const DETAIL_LIMIT: usize = 1024;
 /// The session's hash: what the opened event said, the running totals (`sales`,
 /// `items`, `tickets`, `m:<method>`), and once booked `booked` (the entry's id, or
 /// `none`), `booked_at`, `reference`.
-pub fn session_key(stream: &str, session: &str) -> String {
-    format!("{stream}:paheko:session:{session}")
+/// Named after the stream and the group, like the lease (`<stream>:<group>:active`):
+/// each group books its own sessions.
+pub fn session_key(prefix: &str, session: &str) -> String {
+    format!("{prefix}:paheko:session:{session}")
 }
 
 /// Folds a ticket into its session, once per idempotency key.
@@ -81,7 +83,8 @@ return 'folded'
 pub struct Client {
     agent: ureq::Agent,
     api: Arc<PahekoApi>,
-    stream: String,
+    /// `<stream>:<group>`, the prefix of the session keys.
+    prefix: String,
     authorization: String,
     redis_url: String,
     redis_ca: Option<CaFile>,
@@ -154,7 +157,7 @@ impl Client {
             agent,
             authorization: basic(&api.user, &api.password),
             api,
-            stream: config.stream.clone(),
+            prefix: format!("{}:{}", config.stream, config.group),
             redis_url: config.redis_url.clone(),
             redis_ca: config.redis_ca.clone(),
             idle: Mutex::new(Vec::new()),
@@ -215,7 +218,7 @@ impl Client {
             ));
         };
         let mut cmd = redis::cmd("HSET");
-        cmd.arg(session_key(&self.stream, &session))
+        cmd.arg(session_key(&self.prefix, &session))
             .arg("opened")
             .arg(1);
         for name in ["register_id", "site_id", "operator_id", "opened_at"] {
@@ -234,7 +237,7 @@ impl Client {
             Ok(t) => t,
             Err(hold) => return held(&hold),
         };
-        let key = session_key(&self.stream, &ticket.session_id);
+        let key = session_key(&self.prefix, &ticket.session_id);
         let mut call = FOLD.prepare_invoke();
         call.key(&key)
             .key(format!("{key}:folded"))
@@ -270,7 +273,7 @@ impl Client {
                 json!({ "message": "session_id holds a control character" }),
             ));
         }
-        let key = session_key(&self.stream, &close.session_id);
+        let key = session_key(&self.prefix, &close.session_id);
         let session: BTreeMap<String, String> = match redis.query(redis::cmd("HGETALL").arg(&key)) {
             Ok(s) => s,
             Err(e) => return redis_failed(e),

@@ -646,9 +646,22 @@ fn a_crash_between_pahekos_answer_and_the_ack_books_once() {
     wait_until("the close acknowledged", Duration::from_secs(30), || {
         drained(&mut conn)
     });
-    assert_booked_as_sold(&paheko, &s);
+    let entry = assert_booked_as_sold(&paheko, &s);
     assert_eq!(paheko.all_entries().len(), 1);
     assert_eq!(proxy.count(TRANSACTION, None), 1, "{:?}", proxy.counts());
+    // The session's hash in Redis (docs/paheko-api.md) names the entry.
+    let key = format!("{STREAM}:{GROUP}:paheko:session:{}", s.id);
+    let booked: Option<String> = redis::cmd("HGET")
+        .arg(&key)
+        .arg("booked")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(booked, Some(entry.id.to_string()));
+    let folded: u64 = redis::cmd("SCARD")
+        .arg(format!("{key}:folded"))
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(folded, 5);
     worker.wait_for_msg(
         "already in Paheko (an earlier attempt booked it): not booked again",
         Duration::from_secs(5),
