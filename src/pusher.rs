@@ -245,17 +245,22 @@ impl Pusher {
                     crate::sign::signature(key, id, timestamp, event.body()),
                 );
         }
-        if !event.kind.is_empty() {
-            request = request.header("X-Paheko-Event", &event.kind);
+        // Always sent: the session events carry no type of their own (issue 16 §1).
+        if let Some(kind) = event_type(event) {
+            request = request.header("X-Paheko-Event", kind);
         }
         match request.send(event.body()) {
             Ok(mut response) => {
                 let status = response.status().as_u16();
-                let retry_after = response
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string);
+                let header = |name: &str| {
+                    response
+                        .headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                };
+                let retry_after = header("retry-after");
+                let location = header("location");
                 // Read the body to the end so the connection goes back to the pool.
                 let body = response
                     .body_mut()
@@ -271,6 +276,7 @@ impl Pusher {
                     end -= 1;
                 }
                 body.truncate(end);
+                let body = self.explain(event, status, location.as_deref(), body);
                 Reply::Status {
                     status,
                     retry_after,
@@ -280,6 +286,106 @@ impl Pusher {
             Err(e) => Reply::NoAnswer(describe(&e)),
         }
     }
+}
+
+impl Pusher {
+    /// What an answer's body becomes in the logs and dead letters (issue 16 §1): a
+    /// redirect says where to point PAHEKO_PLUGIN_URL; an HTML error page (a PHP crash,
+    /// a proxy's page) is reduced to its title; a 2xx that says the plugin holds a
+    /// session (`"status":"held"`) is one warning with its code, and counted.
+    fn explain(&self, event: &Event, status: u16, location: Option<&str>, body: String) -> String {
+        if (300..=399).contains(&status) {
+            let target = location.map(|l| absolute(&self.plugin.url, l));
+            let text = match &target {
+                Some(t) => format!("redirects to {t}: use PAHEKO_PLUGIN_URL={t}"),
+                None => {
+                    "redirects, without a Location: PAHEKO_PLUGIN_URL is not the plugin's address"
+                        .into()
+                }
+            };
+            log::error!(status = status, location = target.as_deref().unwrap_or("");
+                "the plugin answers HTTP {status}: it {text}");
+            return text;
+        }
+        if let Some(title) = html_title(&body) {
+            return format!("HTML page: {title}");
+        }
+        let held = (status / 100 == 2 && body.contains("\"held\""))
+            .then(|| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .flatten()
+            .filter(|json| json["status"] == "held");
+        if let Some(json) = held {
+            let code = json["code"].as_str().unwrap_or("unknown");
+            let session = json["session_id"].as_str().unwrap_or("");
+            self.stats
+                .held_sessions
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            log::warn!(code = code, session_id = session, event = event.kind.as_str(),
+                correlation_id = event.idempotency_key.as_str();
+                "the plugin holds this session ({code}): nothing is booked until the treasurer decides on the plugin's page");
+        }
+        body
+    }
+}
+
+/// The event type for X-Paheko-Event: the entry's `event` field, else the payload's
+/// own `event` (only tickets carry one), else none (the plugin then refuses it).
+fn event_type(event: &Event) -> Option<String> {
+    if !event.kind.is_empty() {
+        return Some(event.kind.clone());
+    }
+    let json: serde_json::Value = serde_json::from_slice(event.body()).ok()?;
+    json["event"]
+        .as_str()
+        .filter(|k| !k.is_empty() && k.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b)))
+        .map(str::to_string)
+}
+
+/// `location` made absolute against `base` (a Location may be a path).
+fn absolute(base: &str, location: &str) -> String {
+    if location.contains("://") {
+        return location.to_string();
+    }
+    let origin_end = base
+        .find("://")
+        .and_then(|i| base[i + 3..].find('/').map(|j| i + 3 + j))
+        .unwrap_or(base.len());
+    if location.starts_with('/') {
+        format!("{}{location}", &base[..origin_end])
+    } else {
+        let dir_end = base
+            .rfind('/')
+            .filter(|&i| i >= origin_end)
+            .unwrap_or(origin_end);
+        format!("{}/{location}", &base[..dir_end])
+    }
+}
+
+/// The `<title>` of an HTML page, whitespace collapsed; None when `body` is not HTML.
+fn html_title(body: &str) -> Option<String> {
+    let lower = body.to_ascii_lowercase();
+    let head = lower.trim_start();
+    if !(head.starts_with("<!doctype html")
+        || head.starts_with("<html")
+        || lower.contains("<title"))
+    {
+        return None;
+    }
+    let start = lower.find("<title")?;
+    let open_end = start + lower[start..].find('>')? + 1;
+    let close = open_end
+        + lower[open_end..]
+            .find("</title")
+            .unwrap_or(lower.len() - open_end);
+    let title = body[open_end..close]
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    Some(if title.is_empty() {
+        "(untitled)".into()
+    } else {
+        title
+    })
 }
 
 /// A transport error in words an operator can act on, naming the timeout that fired.
@@ -355,4 +461,39 @@ pub fn with_mozilla_roots_pem(pem: &[u8]) -> Vec<u8> {
         out.extend_from_slice(b"-----END CERTIFICATE-----\n");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_redirect_is_made_absolute_against_the_plugin_url() {
+        let base = "https://paheko.example.org/p/recyclique";
+        assert_eq!(
+            absolute(base, "/p/recyclique/"),
+            "https://paheko.example.org/p/recyclique/"
+        );
+        assert_eq!(
+            absolute(base, "https://other.example.org/p/recyclique/"),
+            "https://other.example.org/p/recyclique/"
+        );
+        assert_eq!(
+            absolute("http://h:8080/p/x/push.php", "index.php"),
+            "http://h:8080/p/x/index.php"
+        );
+        assert_eq!(absolute("http://h", "/p/x/"), "http://h/p/x/");
+    }
+
+    #[test]
+    fn an_html_page_is_reduced_to_its_title() {
+        let page = "<!DOCTYPE html>\n<html><head><meta charset=utf-8>\n<TITLE>\n  Erreur\n interne </title></head><body><pre>SQLite3Exception: database is locked in /var/www/…</pre></body></html>";
+        assert_eq!(html_title(page).as_deref(), Some("Erreur interne"));
+        assert_eq!(
+            html_title("<html><body>no title</body></html>").as_deref(),
+            None
+        );
+        assert_eq!(html_title(r#"{"error":"database_busy"}"#), None);
+        assert_eq!(html_title("plain text"), None);
+    }
 }

@@ -54,6 +54,9 @@ pub struct Stats {
     /// `trimmed` records in the dead-letter stream (tickets lost before they were
     /// read), as the reader last counted them; /health stays degraded while any remain.
     pub trimmed_records: AtomicU64,
+    /// 2xx answers saying the plugin holds a session (`"status":"held"`: totals that do
+    /// not match, an unmapped payment method…) until the treasurer decides (issue 16).
+    pub held_sessions: AtomicU64,
     pub request_duration: Histogram,
 }
 
