@@ -172,7 +172,15 @@ impl Client {
             Ok(r) => r,
             Err(e) => return redis_failed(e),
         };
-        let reply = match event.kind.as_str() {
+        // The entry's `event` field, else the payload's own (tickets carry one).
+        let kind = match event.kind.as_str() {
+            "" => serde_json::from_slice::<Value>(event.body())
+                .ok()
+                .and_then(|v| v["event"].as_str().map(str::to_string))
+                .unwrap_or_default(),
+            kind => kind.to_string(),
+        };
+        let reply = match kind.as_str() {
             "pos.session.opened" => self.opened(&mut redis, event),
             "pos.ticket.created" => self.ticket(&mut redis, event),
             "pos.session.closed" => self.closed(&mut redis, event, deadline),
