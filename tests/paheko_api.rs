@@ -596,6 +596,20 @@ fn a_ressourcerie_day_through_pahekos_api_books_each_session_once() {
         refused.stderr
     );
     assert_eq!(paheko.all_entries().len(), 5);
+    for e in paheko.all_entries() {
+        let lines: Vec<String> = e
+            .lines
+            .iter()
+            .map(|l| format!("{} D{} C{}", l.account, l.debit, l.credit))
+            .collect();
+        eprintln!(
+            "ledger: #{} {} {:?} {}",
+            e.id,
+            e.date,
+            e.reference,
+            lines.join(", ")
+        );
+    }
     let password = paheko.api_password();
     assert!(
         password.len() >= 12,
