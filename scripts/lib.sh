@@ -105,3 +105,21 @@ ensure_packaging_tools() {
     apt_install php-sqlite3
   fi
 }
+
+# A real Paheko for tests/paheko_plugin.rs, the API-mode tests and scripts/demo-paheko
+# (scripts/paheko boots it): Debian 12's PHP 8.2 with the extensions Paheko needs, php-fpm
+# and nginx to serve it as a shop does, chromium to open the plugin's admin page as a
+# treasurer would. One apt-get run for everything missing.
+ensure_paheko_deps() {
+  local missing=() module
+  command -v php >/dev/null 2>&1 || missing+=(php8.2-cli)
+  for module in sqlite3:pdo_sqlite intl:intl mbstring:mbstring xml:dom; do
+    php -m 2>/dev/null | grep -qx "${module#*:}" || missing+=("php8.2-${module%%:*}")
+  done
+  ls /usr/sbin/php-fpm* >/dev/null 2>&1 || missing+=(php8.2-fpm)
+  command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+  if [ "${1:-}" != --no-browser ]; then
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  fi
+  [ "${#missing[@]}" -eq 0 ] || apt_install "${missing[@]}"
+}

@@ -151,11 +151,15 @@ pub fn run(config: &Config) -> Vec<Line> {
     let plugin = plugin_check(config);
     let reached = plugin.status == Status::Ok;
     lines.push(plugin);
-    if reached && let Ok(p) = &config.plugin {
-        lines.push(ping_check(config, p));
-    } else {
-        lines.push(line(Status::Skip, "ping", "the plugin was not reached"));
+    // In API mode the "plugin" is Paheko's API and its secret the API password: no ping.
+    if matches!(config.target, crate::config::Target::Plugin) {
+        if reached && let Ok(p) = &config.plugin {
+            lines.push(ping_check(config, p));
+        } else {
+            lines.push(line(Status::Skip, "ping", "the plugin was not reached"));
+        }
     }
+    lines.extend(crate::paheko_api::check(config));
     lines
 }
 

@@ -49,6 +49,16 @@ pub struct Raw {
     pub paheko_push_auth: Option<String>,
     pub paheko_plugin_ca_file: Option<String>,
     pub redis_ca_file: Option<String>,
+    pub paheko_push_target: Option<String>,
+    pub paheko_url: Option<String>,
+    pub paheko_api_user: Option<String>,
+    pub paheko_api_password: Option<String>,
+    pub paheko_api_password_file: Option<String>,
+    pub paheko_push_payment_accounts: Option<String>,
+    pub paheko_push_sales_account: Option<String>,
+    pub paheko_push_cash_shortage_account: Option<String>,
+    pub paheko_push_cash_surplus_account: Option<String>,
+    pub paheko_push_timezone: Option<String>,
     pub paheko_push_run_as: Option<String>,
     /// Where these came from (not a variable).
     #[serde(skip)]
@@ -422,6 +432,43 @@ pub struct Config {
     pub run_as: Option<(u32, u32)>,
     /// The file the variables came from, if any.
     pub source: Source,
+    /// Where events go (`PAHEKO_PUSH_TARGET`): the plugin, or Paheko's own API. In API
+    /// mode [`Config::plugin`] holds `PAHEKO_URL` and the API password as its secret, so
+    /// that what applies to a destination (configured or not, the secret redacted, the
+    /// TLS check) applies unchanged.
+    pub target: Target,
+}
+
+/// `PAHEKO_PUSH_TARGET`: the plugin contract (the default), or direct booking through
+/// Paheko's REST API (issue 16 §2, docs/paheko-api.md).
+#[derive(Debug, Clone)]
+pub enum Target {
+    Plugin,
+    PahekoApi(std::sync::Arc<PahekoApi>),
+}
+
+/// The API mode's settings: the booking rule's accounts and time zone, and Paheko's
+/// API credentials (absent while a variable is missing: nothing is delivered then).
+#[derive(Clone)]
+pub struct PahekoApi {
+    /// `PAHEKO_URL` without its trailing slash; `/api/…` is appended.
+    pub url: String,
+    pub user: String,
+    pub password: String,
+    pub accounts: crate::booking::Accounts,
+    pub zone: crate::booking::TimeZone,
+}
+
+impl fmt::Debug for PahekoApi {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PahekoApi")
+            .field("url", &self.url)
+            .field("user", &self.user)
+            .field("password", &"[redacted]")
+            .field("accounts", &self.accounts)
+            .field("zone", &self.zone.name)
+            .finish()
+    }
 }
 
 /// Which variable is missing for the worker to deliver anything.
@@ -542,6 +589,87 @@ impl Config {
                 ));
             }
         }
+        let dead_letter_statuses = statuses(
+            "PAHEKO_PUSH_DEAD_LETTER_STATUSES",
+            raw.paheko_push_dead_letter_statuses,
+        )?;
+        let accounts = crate::booking::Accounts {
+            methods: crate::booking::parse_methods(&text(
+                raw.paheko_push_payment_accounts,
+                crate::booking::DEFAULT_PAYMENT_ACCOUNTS,
+            ))
+            .map_err(|e| err("PAHEKO_PUSH_PAYMENT_ACCOUNTS", e))?,
+            sales: account(
+                "PAHEKO_PUSH_SALES_ACCOUNT",
+                raw.paheko_push_sales_account,
+                "707",
+            )?,
+            shortage: account(
+                "PAHEKO_PUSH_CASH_SHORTAGE_ACCOUNT",
+                raw.paheko_push_cash_shortage_account,
+                "658",
+            )?,
+            surplus: account(
+                "PAHEKO_PUSH_CASH_SURPLUS_ACCOUNT",
+                raw.paheko_push_cash_surplus_account,
+                "758",
+            )?,
+        };
+        let zone = crate::booking::TimeZone::named(&text(
+            raw.paheko_push_timezone,
+            crate::booking::DEFAULT_TIMEZONE,
+        ))
+        .map_err(|e| err("PAHEKO_PUSH_TIMEZONE", e))?;
+        let target = match raw
+            .paheko_push_target
+            .as_deref()
+            .map(|v| v.trim().to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("") | Some("plugin") => Target::Plugin,
+            Some("paheko-api") => {
+                if !dead_letter_statuses.contains(&crate::paheko_api::HELD_STATUS) {
+                    return Err(err(
+                        "PAHEKO_PUSH_DEAD_LETTER_STATUSES",
+                        format!(
+                            "must include {} with PAHEKO_PUSH_TARGET=paheko-api: a held session \
+                             or ticket is reported with that status and dead-lettered",
+                            crate::paheko_api::HELD_STATUS
+                        ),
+                    ));
+                }
+                let api = paheko_api(
+                    raw.paheko_url,
+                    raw.paheko_api_user,
+                    raw.paheko_api_password,
+                    raw.paheko_api_password_file,
+                    allow_http,
+                    accounts,
+                    zone,
+                )?;
+                plugin = api
+                    .as_ref()
+                    .map(|api| Plugin {
+                        url: api.url.clone(),
+                        secret: api.password.clone(),
+                        auth: Auth::Header,
+                    })
+                    .map_err(Clone::clone);
+                match api {
+                    Ok(api) => Target::PahekoApi(std::sync::Arc::new(api)),
+                    Err(_) => Target::Plugin,
+                }
+            }
+            Some(_) => {
+                return Err(err(
+                    "PAHEKO_PUSH_TARGET",
+                    format!(
+                        "expected plugin or paheko-api, got {:?}",
+                        raw.paheko_push_target.unwrap_or_default()
+                    ),
+                ));
+            }
+        };
         let redis_url = redis_url(raw.redis_url)?;
         if redis_ca.is_some() && !redis_url.starts_with("rediss://") {
             return Err(err(
@@ -606,10 +734,7 @@ impl Config {
                 0,
                 0..=u64::MAX,
             )?,
-            dead_letter_statuses: statuses(
-                "PAHEKO_PUSH_DEAD_LETTER_STATUSES",
-                raw.paheko_push_dead_letter_statuses,
-            )?,
+            dead_letter_statuses,
             give_up_after_parks: number(
                 "PAHEKO_PUSH_GIVE_UP_AFTER_PARKS",
                 raw.paheko_push_give_up_after_parks,
@@ -638,6 +763,7 @@ impl Config {
             redis_ca,
             run_as: run_as(raw.paheko_push_run_as)?,
             source: raw.source,
+            target,
         })
     }
 
@@ -702,6 +828,7 @@ impl fmt::Debug for Config {
             .field("claim_idle", &self.claim_idle)
             .field("order_keys", &self.order_keys)
             .field("dead_letter_stream", &self.dead_letter_stream)
+            .field("target", &self.target)
             .finish_non_exhaustive()
     }
 }
@@ -982,6 +1109,127 @@ fn plugin(
             auth: Auth::Header,
         }),
     })
+}
+
+/// An account code variable (`PAHEKO_PUSH_SALES_ACCOUNT`…).
+fn account(var: &str, value: Option<String>, default: &str) -> Result<String, ConfigError> {
+    let code = text(value, default);
+    if !crate::booking::is_account_code(&code) {
+        return Err(err(
+            var,
+            format!(
+                "expected an account code of letters and digits such as {default}, got {code:?}"
+            ),
+        ));
+    }
+    Ok(code)
+}
+
+/// The API mode's settings; `Missing` names the first variable not set.
+fn paheko_api(
+    url: Option<String>,
+    user: Option<String>,
+    password: Option<String>,
+    password_file: Option<String>,
+    allow_http: bool,
+    accounts: crate::booking::Accounts,
+    zone: crate::booking::TimeZone,
+) -> Result<Result<PahekoApi, Missing>, ConfigError> {
+    let url = url
+        .map(|u| u.trim().trim_end_matches('/').to_string())
+        .filter(|u| !u.is_empty());
+    if let Some(url) = &url {
+        let lower = url.to_ascii_lowercase();
+        let host = lower
+            .strip_prefix("https://")
+            .or_else(|| lower.strip_prefix("http://"))
+            .map(|rest| rest.split(['/', '?', '#']).next().unwrap_or(""));
+        match host {
+            None | Some("") => {
+                return Err(err(
+                    "PAHEKO_URL",
+                    format!(
+                        "expected Paheko's https:// address such as https://paheko.example.org, got {:?}",
+                        redact_url(url)
+                    ),
+                ));
+            }
+            _ if url.contains(['?', '#']) || url.contains('@') => {
+                return Err(err(
+                    "PAHEKO_URL",
+                    "expected Paheko's address alone (credentials go in PAHEKO_API_USER and \
+                     PAHEKO_API_PASSWORD)",
+                ));
+            }
+            Some(_) if lower.starts_with("http://") && !allow_http => {
+                return Err(err(
+                    "PAHEKO_URL",
+                    "plain http:// would send the API password in clear; use https://, or set \
+                     PAHEKO_PUSH_ALLOW_HTTP=true for a Paheko on the same host",
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    let user = user.map(|u| u.trim().to_string()).filter(|u| !u.is_empty());
+    if user
+        .as_deref()
+        .is_some_and(|u| u.contains(':') || u.bytes().any(|b| b < 0x20))
+    {
+        return Err(err(
+            "PAHEKO_API_USER",
+            "cannot contain a colon or a control character (HTTP Basic)",
+        ));
+    }
+    let password = secret_value(
+        "PAHEKO_API_PASSWORD",
+        "PAHEKO_API_PASSWORD_FILE",
+        password,
+        password_file,
+    )?;
+    Ok(match (url, user, password) {
+        (None, _, _) => Err(Missing("PAHEKO_URL")),
+        (_, None, _) => Err(Missing("PAHEKO_API_USER")),
+        (_, _, None) => Err(Missing("PAHEKO_API_PASSWORD")),
+        (Some(url), Some(user), Some(password)) => Ok(PahekoApi {
+            url,
+            user,
+            password,
+            accounts,
+            zone,
+        }),
+    })
+}
+
+/// A secret given either directly or as a file (its trailing newline dropped).
+fn secret_value(
+    var: &str,
+    file_var: &str,
+    value: Option<String>,
+    file: Option<String>,
+) -> Result<Option<String>, ConfigError> {
+    match (
+        value.filter(|s| !s.is_empty()),
+        file.filter(|f| !f.trim().is_empty()),
+    ) {
+        (Some(_), Some(_)) => Err(err(
+            file_var,
+            format!("set either {var} or {file_var}, not both"),
+        )),
+        (Some(s), None) => Ok(Some(s)),
+        (None, Some(path)) => {
+            let mut s = std::fs::read_to_string(path.trim())
+                .map_err(|e| err(file_var, format!("cannot read {:?}: {e}", path.trim())))?;
+            while s.ends_with('\n') || s.ends_with('\r') {
+                s.pop();
+            }
+            if s.is_empty() {
+                return Err(err(file_var, format!("{:?} is empty", path.trim())));
+            }
+            Ok(Some(s))
+        }
+        (None, None) => Ok(None),
+    }
 }
 
 /// `PAHEKO_PUSH_AUTH` applied to the secret: for `signature` and `both`, a `whsec_`
@@ -1537,6 +1785,83 @@ mod tests {
             config(&[("PAHEKO_PUSH_AUTH", "x")]).unwrap_err().var,
             "PAHEKO_PUSH_AUTH"
         );
+    }
+
+    #[test]
+    fn paheko_api_mode() {
+        let api = [
+            ("PAHEKO_PUSH_TARGET", "paheko-api"),
+            ("PAHEKO_URL", "https://paheko.example.org/"),
+            ("PAHEKO_API_USER", "recyclique"),
+            ("PAHEKO_API_PASSWORD", "hunter2-api"),
+        ];
+        let c = config(&api).unwrap();
+        let Target::PahekoApi(settings) = &c.target else {
+            panic!("{:?}", c.target)
+        };
+        assert_eq!(settings.url, "https://paheko.example.org");
+        assert_eq!(settings.accounts, crate::booking::Accounts::default());
+        assert_eq!(settings.zone.name, "Europe/Paris");
+        // The destination the delivery machinery sees; the password is a secret.
+        assert_eq!(c.plugin.as_ref().unwrap().url, "https://paheko.example.org");
+        assert!(c.secrets().contains(&"hunter2-api".to_string()));
+        assert!(!format!("{c:?}").contains("hunter2-api"), "{c:?}");
+        // The default stays the plugin.
+        assert!(matches!(config(&[]).unwrap().target, Target::Plugin));
+        // A missing variable: nothing is delivered, the worker waits.
+        let c = config(&api[..3]).unwrap();
+        assert_eq!(c.plugin.unwrap_err(), Missing("PAHEKO_API_PASSWORD"));
+        let c = config(&[api[0], api[2], api[3]]).unwrap();
+        assert_eq!(c.plugin.unwrap_err(), Missing("PAHEKO_URL"));
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut vars: Vec<(&str, &str)> = api
+                .iter()
+                .filter(|(k, _)| !extra.iter().any(|(e, _)| e == k))
+                .copied()
+                .collect();
+            vars.extend_from_slice(extra);
+            config(&vars)
+        };
+        let c = with(&[
+            ("PAHEKO_PUSH_PAYMENT_ACCOUNTS", "especes:530,bon:4191"),
+            ("PAHEKO_PUSH_SALES_ACCOUNT", "7070"),
+            ("PAHEKO_PUSH_TIMEZONE", "UTC"),
+        ])
+        .unwrap();
+        let Target::PahekoApi(settings) = &c.target else {
+            panic!()
+        };
+        assert_eq!(settings.accounts.for_method("bon"), Some("4191"));
+        assert_eq!(settings.accounts.sales, "7070");
+        assert_eq!(settings.zone.offset_at(1_800_000_000), 0);
+        for (var, value, says) in [
+            ("PAHEKO_PUSH_TARGET", "api", "plugin or paheko-api"),
+            ("PAHEKO_URL", "paheko.example.org", "https://"),
+            (
+                "PAHEKO_URL",
+                "http://paheko.example.org",
+                "PAHEKO_PUSH_ALLOW_HTTP",
+            ),
+            ("PAHEKO_URL", "https://u:p@paheko.example.org", "alone"),
+            ("PAHEKO_API_USER", "a:b", "colon"),
+            (
+                "PAHEKO_PUSH_PAYMENT_ACCOUNTS",
+                "especes=530",
+                "method:account",
+            ),
+            ("PAHEKO_PUSH_SALES_ACCOUNT", "70 7", "account code"),
+            ("PAHEKO_PUSH_CASH_SHORTAGE_ACCOUNT", "-", "account code"),
+            ("PAHEKO_PUSH_CASH_SURPLUS_ACCOUNT", "7.58", "account code"),
+            ("PAHEKO_PUSH_TIMEZONE", "Mars/Olympus", "tzdata"),
+            ("PAHEKO_PUSH_DEAD_LETTER_STATUSES", "400,409", "422"),
+        ] {
+            let e = with(&[(var, value)]).unwrap_err();
+            assert_eq!(e.var, var, "{var}={value}: {e}");
+            assert!(e.problem.contains(says), "{var}={value}: {e}");
+        }
+        let e = with(&[("PAHEKO_API_PASSWORD_FILE", "/nonexistent")]).unwrap_err();
+        assert_eq!(e.var, "PAHEKO_API_PASSWORD_FILE");
+        assert!(e.problem.contains("not both"), "{e}");
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub const USAGE: &str = "usage: paheko-push dead list [--json]
        paheko-push dead show ID...
        paheko-push dead replay ID... | --all
        paheko-push dead drop ID...
+       paheko-push dead book ID...
+`book` (PAHEKO_PUSH_TARGET=paheko-api): puts a held pos.session.closed back, to be
+booked as received, the gap written in the entry's notes.
 IDs are those of the dead-letter stream (first column of `dead list`).
 Exit codes: 0 done, 1 Redis unreachable or failed, 2 usage or configuration error,
 3 unknown ID (nothing was changed), 4 not a dead letter paheko-push wrote,
@@ -63,10 +66,14 @@ const DETAIL_WIDTH: usize = 60;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Help,
-    List { json: bool },
+    List {
+        json: bool,
+    },
     Show(Vec<StreamId>),
     Replay(Target),
     Drop(Vec<StreamId>),
+    /// Replays held closes marked to be booked as received (API mode).
+    Book(Vec<StreamId>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,7 +96,7 @@ impl Command {
         let allowed: &[&str] = match sub.as_str() {
             "list" => &["--json"],
             "replay" => &["--all"],
-            "show" | "drop" => &[],
+            "show" | "drop" | "book" => &[],
             other => return Err(format!("unknown dead subcommand {other:?}")),
         };
         if let Some(flag) = flags.iter().find(|f| !allowed.contains(&f.as_str())) {
@@ -109,6 +116,7 @@ impl Command {
             },
             _ if ids.is_empty() => Err(format!("dead {sub} needs at least one ID")),
             "show" => Ok(Command::Show(ids)),
+            "book" => Ok(Command::Book(ids)),
             _ => Ok(Command::Drop(ids)),
         }
     }
@@ -440,6 +448,7 @@ impl Tools<'_> {
             }
             Command::Replay(target) => self.replay(target, out),
             Command::Drop(ids) => self.drop(ids, out),
+            Command::Book(ids) => self.book(ids, out),
         }
     }
 
@@ -669,6 +678,51 @@ impl Tools<'_> {
             )));
         }
         Err(self.busy())
+    }
+
+    /// Puts held closes back with [`crate::paheko_api::RESOLUTION_FIELD`], through the
+    /// same all-or-nothing script as a replay.
+    fn book(&mut self, ids: &[StreamId], out: &mut dyn Write) -> Result<Option<String>, Failure> {
+        use crate::paheko_api::{BOOK_AS_RECEIVED, RESOLUTION_FIELD};
+        let mut entries = self.fetch(ids, true)?;
+        let wrong: Vec<String> = entries
+            .iter()
+            .filter(|e| e.meta.is_none() || e.event().as_deref() != Some("pos.session.closed"))
+            .map(|e| e.id.to_string())
+            .collect();
+        if !wrong.is_empty() {
+            return Err(Failure::NotADeadLetter(format!(
+                "{} in {} {} not a held pos.session.closed; only a session can be booked as \
+                 received (see dead show; replay or drop the others); nothing was changed",
+                wrong.join(", "),
+                self.dead,
+                if wrong.len() == 1 { "is" } else { "are" }
+            )));
+        }
+        for entry in &mut entries {
+            entry
+                .original
+                .retain(|(n, _)| n != RESOLUTION_FIELD.as_bytes());
+            entry.original.push((
+                RESOLUTION_FIELD.as_bytes().to_vec(),
+                BOOK_AS_RECEIVED.as_bytes().to_vec(),
+            ));
+        }
+        entries.sort_by_key(DeadEntry::replay_order);
+        match self.run_replay(&entries)? {
+            Replayed::Done(new_ids) => {
+                for (entry, new_id) in entries.iter().zip(&new_ids) {
+                    writeln!(out, "{} {new_id}", entry.id)?;
+                }
+                Ok(Some(format!(
+                    "put {} back onto {} to be booked as received, and removed them from {}",
+                    plural(entries.len(), "held session"),
+                    self.stream,
+                    self.dead
+                )))
+            }
+            Replayed::Missing(missing) => Err(self.unknown(&missing, true)?),
+        }
     }
 
     fn busy(&self) -> Failure {
@@ -1014,6 +1068,8 @@ mod tests {
         assert_eq!(p("replay --all"), Ok(Command::Replay(Target::All)));
         assert_eq!(p("drop 5"), Ok(Command::Drop(vec![id("5-0")])));
         assert_eq!(p("drop 1-1 --help"), Ok(Command::Help));
+        assert_eq!(p("book 3-1"), Ok(Command::Book(vec![id("3-1")])));
+        assert!(p("book").is_err() && p("book --all").is_err());
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub fn document(s: &Stats) -> (u16, serde_json::Value) {
         "dead_letters": s.dead_letters.load(Relaxed),
         "held": s.held.load(Relaxed),
         "held_bytes": s.held_bytes.load(Relaxed),
+        "held_sessions": s.held_sessions.load(Relaxed),
         "version": env!("CARGO_PKG_VERSION"),
     });
     (if status == "error" { 503 } else { 200 }, doc)

@@ -12,6 +12,7 @@
 //! stop is one flag plus a closed channel ([`shutdown`]).
 
 pub mod acker;
+pub mod booking;
 pub mod breaker;
 pub mod budget;
 pub mod check;
@@ -27,6 +28,7 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod order;
+pub mod paheko_api;
 pub mod privileges;
 pub mod probe;
 pub mod pusher;
@@ -155,7 +157,7 @@ fn load_config(package: Option<&Path>) -> Result<Config, Error> {
 const USAGE: &str = "usage: paheko-push [run]
        paheko-push check
        paheko-push health
-       paheko-push dead list [--json] | show ID... | replay ID...|--all | drop ID...
+       paheko-push dead list [--json] | show ID... | replay ID...|--all | drop ID... | book ID...
        paheko-push help [COMMAND] | --version
 Delivers RecyClique's cash events from Redis to the Paheko plugin.
   run     the worker (the default)
@@ -219,13 +221,16 @@ pub fn run(config: Config) -> Result<(), Error> {
                 config.plugin_ca.as_ref(),
             );
             let gate = Arc::new(pusher::Gate::default());
-            let pusher = Arc::new(pusher::Pusher::new(
-                agent,
-                plugin.clone(),
-                Arc::clone(&stats),
-                shutdown.clone(),
-                Arc::clone(&gate),
-            ));
+            let pusher = Arc::new(
+                pusher::Pusher::new(
+                    agent,
+                    plugin.clone(),
+                    Arc::clone(&stats),
+                    shutdown.clone(),
+                    Arc::clone(&gate),
+                )
+                .with_target(&config),
+            );
             let liveness = watched_threads(&config);
             notify::watch_threads(Arc::clone(&liveness));
             let mut threads = Vec::new();

@@ -32,6 +32,18 @@ pub fn render(stats: &Stats) -> String {
 
     family(
         &mut out,
+        "held_sessions_total",
+        "counter",
+        "Answers of the plugin holding a cash session until the treasurer decides (status held).",
+    );
+    let _ = writeln!(
+        out,
+        "paheko_push_held_sessions_total {}",
+        get(&stats.held_sessions)
+    );
+
+    family(
+        &mut out,
         "request_duration_seconds",
         "histogram",
         "Duration of the HTTP requests to the plugin.",

@@ -184,6 +184,8 @@ pub struct Pusher {
     stats: Arc<Stats>,
     shutdown: Shutdown,
     gate: Arc<Gate>,
+    /// `PAHEKO_PUSH_TARGET=paheko-api`: events go to Paheko's own API instead.
+    api: Option<crate::paheko_api::Client>,
 }
 
 impl Pusher {
@@ -200,7 +202,18 @@ impl Pusher {
             stats,
             shutdown,
             gate,
+            api: None,
         }
+    }
+
+    /// Delivers through Paheko's own API when the configuration says so (issue 16 §2).
+    pub fn with_target(mut self, config: &crate::config::Config) -> Pusher {
+        self.api = crate::paheko_api::Client::for_config(&self.agent, config);
+        // A held session waits in the dead letters for a person (docs/paheko-api.md).
+        self.stats
+            .dead_letters_degrade
+            .store(self.api.is_some(), std::sync::atomic::Ordering::Relaxed);
+        self
     }
 
     /// The agent every pusher shares: one connection pool, a global timeout per request
@@ -257,7 +270,10 @@ impl Pusher {
             } else if !self.gate.may_start(tenure, probe, Instant::now()) {
                 Reply::HeldBack
             } else {
-                let reply = self.post(&event);
+                let reply = match &self.api {
+                    Some(api) => api.deliver(&event),
+                    None => self.post(&event),
+                };
                 self.stats.request_duration.observe(started.elapsed());
                 reply
             };
@@ -281,17 +297,21 @@ impl Pusher {
             &self.plugin,
             &event.idempotency_key,
             &event.request_id,
-            &event.kind,
+            &event_type(event).unwrap_or_default(),
             event.body(),
         );
         match request.send(event.body()) {
             Ok(mut response) => {
                 let status = response.status().as_u16();
-                let retry_after = response
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string);
+                let header = |name: &str| {
+                    response
+                        .headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                };
+                let retry_after = header("retry-after");
+                let location = header("location");
                 // Read the body to the end so the connection goes back to the pool.
                 let body = response
                     .body_mut()
@@ -307,6 +327,7 @@ impl Pusher {
                     end -= 1;
                 }
                 body.truncate(end);
+                let body = self.explain(event, status, location.as_deref(), body);
                 Reply::Status {
                     status,
                     retry_after,
@@ -350,6 +371,106 @@ pub fn request(
         request = request.header("X-Paheko-Event", kind);
     }
     request
+}
+
+impl Pusher {
+    /// What an answer's body becomes in the logs and dead letters (issue 16 §1): a
+    /// redirect says where to point PAHEKO_PLUGIN_URL; an HTML error page (a PHP crash,
+    /// a proxy's page) is reduced to its title; a 2xx that says the plugin holds a
+    /// session (`"status":"held"`) is one warning with its code, and counted.
+    fn explain(&self, event: &Event, status: u16, location: Option<&str>, body: String) -> String {
+        if (300..=399).contains(&status) {
+            let target = location.map(|l| absolute(&self.plugin.url, l));
+            let text = match &target {
+                Some(t) => format!("redirects to {t}: use PAHEKO_PLUGIN_URL={t}"),
+                None => {
+                    "redirects, without a Location: PAHEKO_PLUGIN_URL is not the plugin's address"
+                        .into()
+                }
+            };
+            log::error!(status = status, location = target.as_deref().unwrap_or("");
+                "the plugin answers HTTP {status}: it {text}");
+            return text;
+        }
+        if let Some(title) = html_title(&body) {
+            return format!("HTML page: {title}");
+        }
+        let held = (status / 100 == 2 && body.contains("\"held\""))
+            .then(|| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .flatten()
+            .filter(|json| json["status"] == "held");
+        if let Some(json) = held {
+            let code = json["code"].as_str().unwrap_or("unknown");
+            let session = json["session_id"].as_str().unwrap_or("");
+            self.stats
+                .held_sessions
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            log::warn!(code = code, session_id = session, event = event.kind.as_str(),
+                correlation_id = event.idempotency_key.as_str();
+                "the plugin holds this session ({code}): nothing is booked until the treasurer decides on the plugin's page");
+        }
+        body
+    }
+}
+
+/// The event type for X-Paheko-Event: the entry's `event` field, else the payload's
+/// own `event` (only tickets carry one), else none (the plugin then refuses it).
+fn event_type(event: &Event) -> Option<String> {
+    if !event.kind.is_empty() {
+        return Some(event.kind.clone());
+    }
+    let json: serde_json::Value = serde_json::from_slice(event.body()).ok()?;
+    json["event"]
+        .as_str()
+        .filter(|k| !k.is_empty() && k.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b)))
+        .map(str::to_string)
+}
+
+/// `location` made absolute against `base` (a Location may be a path).
+fn absolute(base: &str, location: &str) -> String {
+    if location.contains("://") {
+        return location.to_string();
+    }
+    let origin_end = base
+        .find("://")
+        .and_then(|i| base[i + 3..].find('/').map(|j| i + 3 + j))
+        .unwrap_or(base.len());
+    if location.starts_with('/') {
+        format!("{}{location}", &base[..origin_end])
+    } else {
+        let dir_end = base
+            .rfind('/')
+            .filter(|&i| i >= origin_end)
+            .unwrap_or(origin_end);
+        format!("{}/{location}", &base[..dir_end])
+    }
+}
+
+/// The `<title>` of an HTML page, whitespace collapsed; None when `body` is not HTML.
+fn html_title(body: &str) -> Option<String> {
+    let lower = body.to_ascii_lowercase();
+    let head = lower.trim_start();
+    if !(head.starts_with("<!doctype html")
+        || head.starts_with("<html")
+        || lower.contains("<title"))
+    {
+        return None;
+    }
+    let start = lower.find("<title")?;
+    let open_end = start + lower[start..].find('>')? + 1;
+    let close = open_end
+        + lower[open_end..]
+            .find("</title")
+            .unwrap_or(lower.len() - open_end);
+    let title = body[open_end..close]
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    Some(if title.is_empty() {
+        "(untitled)".into()
+    } else {
+        title
+    })
 }
 
 /// A transport error in words an operator can act on, naming the timeout that fired.
@@ -440,5 +561,40 @@ mod test_hooks {
         {
             std::thread::sleep(std::time::Duration::from_millis(ms));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_redirect_is_made_absolute_against_the_plugin_url() {
+        let base = "https://paheko.example.org/p/recyclique";
+        assert_eq!(
+            absolute(base, "/p/recyclique/"),
+            "https://paheko.example.org/p/recyclique/"
+        );
+        assert_eq!(
+            absolute(base, "https://other.example.org/p/recyclique/"),
+            "https://other.example.org/p/recyclique/"
+        );
+        assert_eq!(
+            absolute("http://h:8080/p/x/push.php", "index.php"),
+            "http://h:8080/p/x/index.php"
+        );
+        assert_eq!(absolute("http://h", "/p/x/"), "http://h/p/x/");
+    }
+
+    #[test]
+    fn an_html_page_is_reduced_to_its_title() {
+        let page = "<!DOCTYPE html>\n<html><head><meta charset=utf-8>\n<TITLE>\n  Erreur\n interne </title></head><body><pre>SQLite3Exception: database is locked in /var/www/…</pre></body></html>";
+        assert_eq!(html_title(page).as_deref(), Some("Erreur interne"));
+        assert_eq!(
+            html_title("<html><body>no title</body></html>").as_deref(),
+            None
+        );
+        assert_eq!(html_title(r#"{"error":"database_busy"}"#), None);
+        assert_eq!(html_title("plain text"), None);
     }
 }

@@ -13,14 +13,14 @@ pub enum Verdict {
     /// 2xx: the plugin has it.
     Delivered,
     /// Worth trying again later: 5xx, 408, 429, no answer at all, and anything the
-    /// worker cannot interpret (a redirect, 1xx), since that points at its own setup,
-    /// not at the event.
+    /// worker cannot interpret (1xx), since that points at its own setup, not at the
+    /// event.
     Transient { retry_after: Option<Duration> },
     /// A per-ticket 4xx (`PAHEKO_PUSH_DEAD_LETTER_STATUSES`): the plugin refused this
     /// ticket's content; trying again would not change that.
     Rejected,
-    /// Any other 4xx (401, 403, 404, 405…): the plugin refuses every ticket (a secret
-    /// rotated on one side, a wrong URL). The ticket stays pending; nothing is
+    /// Any other 4xx (401, 403, 404, 405…) and any 3xx: the plugin refuses every ticket
+    /// (a secret rotated on one side, a wrong URL). The ticket stays pending; nothing is
     /// dead-lettered for it.
     Refusing,
 }
@@ -38,6 +38,9 @@ pub fn classify(
 ) -> Verdict {
     match status {
         200..=299 => Verdict::Delivered,
+        // Redirects are not followed (a POST must not wander off with the secret): the
+        // URL is wrong for every ticket (issue 16 §1).
+        300..=399 => Verdict::Refusing,
         408 | 429 => Verdict::Transient {
             retry_after: retry_after_for(status, retry_after, now_unix),
         },
@@ -60,6 +63,11 @@ pub fn refusal_meaning(status: u16) -> &'static str {
             "nothing at that address: PAHEKO_PLUGIN_URL is wrong, or the plugin is not installed"
         }
         405 => "the address does not take POST: PAHEKO_PLUGIN_URL points at the wrong page",
+        300..=399 => {
+            "the plugin's address redirects elsewhere (redirects are not followed): set \
+             PAHEKO_PLUGIN_URL to the address the redirect names, e.g. with the trailing \
+             slash of /p/NAME/"
+        }
         _ => "the plugin refuses every ticket: check its logs and the worker's configuration",
     }
 }
@@ -275,7 +283,7 @@ mod tests {
             classify(204, None, 0, &DEAD_LETTER_STATUSES),
             Verdict::Delivered
         );
-        for transient in [500, 502, 503, 504, 408, 429, 301, 302, 100] {
+        for transient in [500, 502, 503, 504, 408, 429, 100] {
             assert!(
                 matches!(
                     classify(transient, None, 0, &DEAD_LETTER_STATUSES),
@@ -291,7 +299,7 @@ mod tests {
                 "{rejected}"
             );
         }
-        for refusing in [401, 403, 404, 405, 410, 451] {
+        for refusing in [401, 403, 404, 405, 410, 451, 300, 301, 302, 307, 308, 399] {
             assert_eq!(
                 classify(refusing, None, 0, &DEAD_LETTER_STATUSES),
                 Verdict::Refusing,
@@ -301,6 +309,7 @@ mod tests {
         // The list is the operator's: 403 may be made per-ticket, 422 plugin-wide.
         assert_eq!(classify(403, None, 0, &[403]), Verdict::Rejected);
         assert_eq!(classify(422, None, 0, &[403]), Verdict::Refusing);
+        assert!(refusal_meaning(302).contains("PAHEKO_PLUGIN_URL"));
     }
 
     #[test]

@@ -46,12 +46,17 @@ pub struct Stats {
     pub oldest_pending_age_seconds: AtomicU64,
     /// Length of the dead-letter stream.
     pub dead_letters: AtomicU64,
+    /// Dead letters make /health degraded (API mode, where they are held sessions).
+    pub dead_letters_degrade: AtomicBool,
     /// Entries held in memory (read, not yet settled) and their fields' bytes.
     pub held: AtomicU64,
     pub held_bytes: AtomicU64,
     /// `trimmed` records in the dead-letter stream (tickets lost before they were
     /// read), as the reader last counted them; /health stays degraded while any remain.
     pub trimmed_records: AtomicU64,
+    /// 2xx answers saying the plugin holds a session (`"status":"held"`: totals that do
+    /// not match, an unmapped payment method…) until the treasurer decides (issue 16).
+    pub held_sessions: AtomicU64,
     pub request_duration: Histogram,
 }
 
@@ -114,6 +119,9 @@ impl Stats {
             || self.trimmed_records.load(Relaxed) > 0
             || self.paheko_down_since.load(Relaxed) != 0
             || self.backlog_warning()
+            // In API mode a dead letter is a held session or ticket (issue 16): booking
+            // waits for a person, so it shows until it is booked or dropped.
+            || (self.dead_letters_degrade.load(Relaxed) && self.dead_letters.load(Relaxed) > 0)
         {
             "degraded"
         } else {

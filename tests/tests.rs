@@ -20,6 +20,8 @@ mod metrics;
 mod observability;
 mod operator;
 mod packaging;
+mod paheko_api;
+mod paheko_plugin;
 mod receiver;
 mod resilience;
 mod retries;

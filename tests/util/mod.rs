@@ -22,6 +22,7 @@
 // Not every helper is used by every test (or by any test yet).
 #![allow(dead_code)]
 
+mod paheko;
 mod redis_server;
 mod sink;
 mod worker;
@@ -30,6 +31,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 // Re-exported whole; the tests use different subsets.
+#[allow(unused_imports)]
+pub use paheko::{Entry, EntryLine, Paheko, PahekoOptions, euros_to_cents, quote, skip_paheko};
 #[allow(unused_imports)]
 pub use redis_server::{
     RedisServer, group_info, group_lag, pending_count, pending_ids, stream_entries, xadd,
