@@ -707,8 +707,8 @@ fn moved(answer: i64) -> DeadLettered {
 }
 
 /// Records an entry that vanished from the stream while pending (trimmed by the
-/// producer's MAXLEN after it was read) as one `trimmed` dead letter — count 1, its ID
-/// — and acknowledges it, while the lease holds ARGV[2]. Once per ID: the set KEYS[5]
+/// producer's MAXLEN after it was read) as one `trimmed` dead letter — count 1, its ID,
+/// and exclusive bounds around it as a gap's — and acknowledges it, while the lease holds ARGV[2]. Once per ID: the set KEYS[5]
 /// remembers the IDs recorded, so a repeat after a lost answer writes nothing twice.
 /// The record is written even when Redis already dropped the entry from the pending
 /// list (XAUTOCLAIM does so with deleted entries): it is the only trace left.
@@ -716,7 +716,7 @@ static VANISHED: LazyLock<Script> = LazyLock::new(|| Script::new(VANISHED_LUA));
 
 const VANISHED_LUA: &str = r#"
 local stream, dead, lease, trimmed, recorded = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local group, value, id, dead_at = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local group, value, id, dead_at, after, before = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 if redis.call('GET', lease) ~= value then return -1 end
 if redis.call('SISMEMBER', recorded, id) == 1 then
   redis.call('XACK', stream, group, id)
@@ -724,7 +724,7 @@ if redis.call('SISMEMBER', recorded, id) == 1 then
 end
 local detail = 'entry ' .. id .. ' was read but trimmed from ' .. stream ..
   ' (MAXLEN) before it was delivered: it never reached Paheko and cannot be replayed'
-local record = redis.call('XADD', dead, '*', 'count', 1, 'after_id', id, 'before_id', id,
+local record = redis.call('XADD', dead, '*', 'count', 1, 'after_id', after, 'before_id', before,
   'original_id', id, 'reason', 'trimmed', 'status', '', 'attempts', 0, 'dead_at', dead_at,
   'detail', detail)
 redis.call('SADD', trimmed, record)
@@ -756,6 +756,22 @@ pub fn record_vanished(
         .arg(lease_value)
         .arg(id.to_string())
         .arg(crate::clock::rfc3339(std::time::SystemTime::now()));
+    // Exclusive bounds, as a gap's: the IDs just before and just after this one.
+    let after = match id.seq {
+        0 => StreamId {
+            ms: id.ms.saturating_sub(1),
+            seq: u64::MAX,
+        },
+        seq => StreamId {
+            ms: id.ms,
+            seq: seq - 1,
+        },
+    };
+    let before = StreamId {
+        ms: id.ms,
+        seq: id.seq.saturating_add(1),
+    };
+    call.arg(after.to_string()).arg(before.to_string());
     Ok(moved(redis.invoke::<i64>(&call)?))
 }
 

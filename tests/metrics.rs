@@ -145,12 +145,14 @@ fn backlog_and_oldest_pending_age_show_a_stuck_queue() {
         (m["paheko_push_oldest_pending_age_seconds"] >= 119.0).then_some(m)
     });
     assert!(m["paheko_push_oldest_pending_age_seconds"] < 200.0);
-    // Everything is one session behind a failing head: most of it is held or unread.
+    // Everything is one session behind a failing head: all of it pending or unread, and
+    // only the head held in memory (the rest of the session is left in Redis, so other
+    // sessions could be read: issue 13, 6).
     assert!(
         m["paheko_push_pending"] + m["paheko_push_backlog"] >= 3001.0,
         "{m:?}"
     );
-    assert!(m["paheko_push_backlog"] > 0.0, "{m:?}");
+    assert!(m["paheko_push_held"] <= 512.0, "{m:?}");
     let h = worker.health().1;
     assert!(h["oldest_pending_age_seconds"].as_u64().unwrap() >= 119);
 }

@@ -1491,7 +1491,7 @@ impl Core {
             } => {
                 let message = match cause {
                     Cause::Down => "paheko still down: probe failed",
-                    Cause::Refusing(_) => "the plugin still refuses: probe refused",
+                    Cause::Refusing(_) => "the plugin still refuses every ticket: probe refused",
                 };
                 log::warn!(probes = probes, next_probe_in_ms = next_probe_in.as_millis() as u64,
                     down_for_s = down_for.as_secs(); "{message}");
