@@ -90,7 +90,7 @@ fn today() -> String {
 /// (weights, some unknown) and 1–2 payments over four methods.
 fn a_day(tickets: usize) -> Vec<DaySession> {
     let day = today();
-    let mut rng = Rng(0x5eed_1e55_0f_da7a);
+    let mut rng = Rng(0x5eed_1e55_f0da_7a00);
     let plan = [
         ("Caisse 1", true, false, 0),
         ("Caisse 1", true, false, -250),
@@ -626,4 +626,521 @@ fn paheko_boots_with_an_open_year_on_the_associations_chart() {
         "the booking rule's accounts exist in fr_pca_2025"
     );
     assert!(paheko.all_entries().is_empty(), "a fresh ledger is empty");
+}
+
+/// POSTs `body` to the plugin's endpoint with `headers`: status, Content-Type, body.
+fn post(url: &str, headers: &[(&str, &str)], body: &str) -> (u16, String, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .proxy(None)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into();
+    let mut request = agent.post(url).header("Content-Type", "application/json");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let mut response = request
+        .send(body)
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    (
+        status,
+        content_type,
+        response.body_mut().read_to_string().unwrap_or_default(),
+    )
+}
+
+fn a_ticket(session: &str, sale: &str, method: &str, amount: i64) -> String {
+    json!({
+        "event": "pos.ticket.created", "sale_id": sale, "cash_session_id": session,
+        "operator_id": "op-1", "total_amount": amount, "note": null, "sale_date": null,
+        "items": [{"id": format!("{sale}-i"), "category_id": "c1", "preset_id": null, "quantity": 1,
+                   "unit_price": amount, "total_price": amount, "weight": 1.5}],
+        "payments": [{"id": format!("{sale}-p"), "payment_method": method, "amount": amount}],
+    })
+    .to_string()
+}
+
+fn a_close(session: &str, total_sales: i64, total_items: i64) -> String {
+    json!({
+        "session_id": session, "closed_at": format!("{}T15:00:00Z", today()),
+        "total_sales": total_sales, "total_items": total_items,
+    })
+    .to_string()
+}
+
+#[test]
+fn the_endpoint_answers_the_contract_in_json() {
+    let Some(paheko) = Paheko::with_plugin(PLUGIN_SECRET) else {
+        return;
+    };
+    let url = paheko.plugin_url();
+    let secret = ("X-Paheko-Secret", PLUGIN_SECRET);
+    let json_error = |(status, content_type, body): (u16, String, String), code: &str| {
+        assert!(
+            content_type.starts_with("application/json"),
+            "{status} {content_type}: {body}"
+        );
+        let json: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        assert_eq!(json["error"], code, "{status}: {body}");
+        status
+    };
+
+    // ping: proves URL and secret end to end, stores nothing.
+    let (status, _, body) = post(&url, &[secret, ("X-Paheko-Event", "ping")], "");
+    assert_eq!(status, 200, "{body}");
+    let pong: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(pong["status"], "pong");
+    assert_eq!(pong["plugin"], "recyclique");
+    assert_eq!(pong["version"], "1.0.0");
+    assert_eq!(plugin_requests(&paheko).0, 0, "a ping is not stored");
+
+    // Authentication: the secret in constant time, or the Standard Webhooks signature.
+    let ping = [("X-Paheko-Event", "ping")];
+    assert_eq!(json_error(post(&url, &ping, ""), "unauthenticated"), 401);
+    assert_eq!(
+        json_error(
+            post(&url, &[("X-Paheko-Secret", "not-it"), ping[0]], ""),
+            "wrong_secret"
+        ),
+        401
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    let sign = |key: &[u8], id: &str, body: &str| {
+        let mac = ring::hmac::sign(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key),
+            format!("{id}.{now}.{body}").as_bytes(),
+        );
+        use base64::Engine as _;
+        format!(
+            "v1,{}",
+            base64::engine::general_purpose::STANDARD.encode(mac.as_ref())
+        )
+    };
+    let good = sign(PLUGIN_SECRET.as_bytes(), "9-0", "");
+    let (status, _, body) = post(
+        &url,
+        &[
+            ping[0],
+            ("webhook-id", "9-0"),
+            ("webhook-timestamp", &now),
+            ("webhook-signature", &good),
+        ],
+        "",
+    );
+    assert_eq!(status, 200, "a good signature: {body}");
+    let bad = sign(b"another key", "9-0", "");
+    assert_eq!(
+        json_error(
+            post(
+                &url,
+                &[
+                    ping[0],
+                    ("webhook-id", "9-0"),
+                    ("webhook-timestamp", &now),
+                    ("webhook-signature", &bad)
+                ],
+                ""
+            ),
+            "bad_signature"
+        ),
+        401
+    );
+
+    // What can never be accepted: 4xx with a stable code, JSON, never an HTML page.
+    let ticket = a_ticket("s-contract", "sale-1", "especes", 1200);
+    let opened = r#"{"session_id":"s-contract","register_id":"Caisse 1","initial_amount":0}"#;
+    for (headers, body, code, want) in [
+        (
+            vec![secret, ("X-Paheko-Event", "pos.ticket.created")],
+            ticket.as_str(),
+            "missing_idempotency_key",
+            422,
+        ),
+        (
+            vec![
+                secret,
+                ("Idempotency-Key", "1-1"),
+                ("X-Paheko-Event", "pos.ticket.created"),
+            ],
+            "not json",
+            "malformed_json",
+            422,
+        ),
+        (
+            vec![
+                secret,
+                ("Idempotency-Key", "1-1"),
+                ("X-Paheko-Event", "pos.sale.refunded"),
+            ],
+            "{}",
+            "unknown_event",
+            422,
+        ),
+        // The session events carry no type: without X-Paheko-Event they cannot be told apart.
+        (
+            vec![secret, ("Idempotency-Key", "1-1")],
+            opened,
+            "missing_event_type",
+            422,
+        ),
+        (
+            vec![
+                secret,
+                ("Idempotency-Key", "1-1"),
+                ("X-Paheko-Event", "pos.session.closed"),
+            ],
+            r#"{"session_id":"s-contract"}"#,
+            "invalid_field",
+            422,
+        ),
+    ] {
+        assert_eq!(json_error(post(&url, &headers, body), code), want, "{code}");
+    }
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .build()
+        .into();
+    let mut get = agent.get(&url).call().unwrap();
+    let body = get.body_mut().read_to_string().unwrap();
+    assert_eq!(get.status().as_u16(), 405, "{body}");
+    assert!(body.contains("\"method_not_allowed\""), "{body}");
+
+    // A refused request is not remembered: once fixed, the same key is processed anew.
+    let headers = [
+        secret,
+        ("Idempotency-Key", "2-0"),
+        ("X-Paheko-Event", "pos.ticket.created"),
+    ];
+    let broken = ticket.replace("\"total_amount\":1200", "\"total_amount\":\"12.00\"");
+    assert_eq!(
+        json_error(post(&url, &headers, &broken), "invalid_field"),
+        422
+    );
+    let (status, _, first) = post(&url, &headers, &ticket);
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&first).unwrap()["status"],
+        "stored"
+    );
+    // A repeat answers the first 2xx again (marked) and changes nothing.
+    let (status, _, again) = post(&url, &headers, &ticket);
+    assert_eq!(status, 200, "{again}");
+    let mut again: Value = serde_json::from_str(&again).unwrap();
+    assert_eq!(again["repeat"], true);
+    again.as_object_mut().unwrap().remove("repeat");
+    assert_eq!(again, serde_json::from_str::<Value>(&first).unwrap());
+    // The same sale under another key (published twice): stored once.
+    let (_, _, duplicate) = post(
+        &url,
+        &[
+            secret,
+            ("Idempotency-Key", "3-0"),
+            ("X-Paheko-Event", "pos.ticket.created"),
+        ],
+        &ticket,
+    );
+    assert!(duplicate.contains("\"duplicate\""), "{duplicate}");
+    let stored =
+        paheko.sql("SELECT COUNT(*) AS n FROM plugin_recyclique_tickets WHERE sale_id = 'sale-1'");
+    assert_eq!(stored[0]["n"], 1);
+
+    // A card payment goes to 5115, never to 511 (absent from fr_pca_2025); an unmapped
+    // method holds the session instead of booking it on a default account.
+    let close = |session: &str, key: &str, sales: i64, items: i64| {
+        let (status, _, body) = post(
+            &url,
+            &[
+                secret,
+                ("Idempotency-Key", key),
+                ("X-Paheko-Event", "pos.session.closed"),
+            ],
+            &a_close(session, sales, items),
+        );
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<Value>(&body).unwrap()
+    };
+    let add = |session: &str, sale: &str, key: &str, method: &str, amount: i64| {
+        let (status, _, body) = post(
+            &url,
+            &[
+                secret,
+                ("Idempotency-Key", key),
+                ("X-Paheko-Event", "pos.ticket.created"),
+            ],
+            &a_ticket(session, sale, method, amount),
+        );
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<Value>(&body).unwrap()
+    };
+    add("s-card", "sale-c1", "10-0", "cb", 800);
+    let booked = close("s-card", "10-1", 800, 1);
+    assert_eq!(booked["status"], "booked", "{booked}");
+    let entry = &paheko.entries("RECYCLIQUE-s-card")[0];
+    assert_eq!(
+        lines_of(entry),
+        vec![("5115".into(), 800, 0), ("707".into(), 0, 800)]
+    );
+    // A second close of a booked session (another key) books nothing more.
+    let again = close("s-card", "10-2", 800, 1);
+    assert_eq!(again["already_closed"], true, "{again}");
+    assert_eq!(paheko.entries("RECYCLIQUE-s-card").len(), 1);
+    // A ticket after the close is stored and flagged, never folded in.
+    let late = add("s-card", "sale-c2", "10-3", "cb", 100);
+    assert_eq!(
+        (late["status"].as_str(), late["code"].as_str()),
+        (Some("held"), Some("after_close")),
+        "{late}"
+    );
+    assert_eq!(
+        lines_of(&paheko.entries("RECYCLIQUE-s-card")[0]),
+        lines_of(entry)
+    );
+
+    add("s-bitcoin", "sale-b1", "11-0", "bitcoin", 500);
+    let held = close("s-bitcoin", "11-1", 500, 1);
+    assert_eq!(held["status"], "held", "{held}");
+    assert_eq!(held["code"], "unmapped_payment_method", "{held}");
+    assert!(paheko.entries("RECYCLIQUE-s-bitcoin").is_empty());
+
+    // A session with no sale and no cash difference books nothing.
+    let empty = close("s-empty", "12-0", 0, 0);
+    assert_eq!(empty["status"], "empty", "{empty}");
+
+    let (status, content_type, body) = post(&format!("{url}nothing-here.php"), &[secret], "{}");
+    assert!(
+        !content_type.contains("json"),
+        "Paheko itself (not the plugin) answers {status} {content_type} for another page: {}",
+        &body[..body.len().min(80)]
+    );
+    assert_eq!(
+        paheko.all_entries().len(),
+        1,
+        "only the card session was booked"
+    );
+}
+
+#[test]
+fn parallel_requests_never_lock_the_database() {
+    let Some(paheko) = Paheko::with_plugin(PLUGIN_SECRET) else {
+        return;
+    };
+    let url = paheko.plugin_url();
+    // 8 senders against php-fpm's 4 children; senders 2k and 2k+1 send the same keys
+    // at the same time, as a killed worker's request still running in php-fpm and its
+    // repeat would.
+    let sessions = 4;
+    let per_sender = 30;
+    let answers: Vec<Vec<(String, u16, String)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|sender| {
+                let url = url.clone();
+                scope.spawn(move || {
+                    let pair = sender / 2;
+                    (0..per_sender)
+                        .map(|n| {
+                            let session = format!("par-{}", (pair + n) % sessions);
+                            let sale = format!("sale-{pair}-{n}");
+                            let key = format!("{}-{pair}", 1000 + n);
+                            let (status, _, body) = post(
+                                &url,
+                                &[
+                                    ("X-Paheko-Secret", PLUGIN_SECRET),
+                                    ("Idempotency-Key", &key),
+                                    ("X-Paheko-Event", "pos.ticket.created"),
+                                ],
+                                &a_ticket(
+                                    &session,
+                                    &sale,
+                                    ["especes", "cb"][n % 2],
+                                    100 + n as i64,
+                                ),
+                            );
+                            (key, status, body)
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let all: Vec<&(String, u16, String)> = answers.iter().flatten().collect();
+    let failed: Vec<_> = all.iter().filter(|(_, status, _)| *status != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "every parallel request answered 200: {failed:?}"
+    );
+    let repeats = all
+        .iter()
+        .filter(|(_, _, body)| body.contains("\"repeat\":true"))
+        .count();
+    assert_eq!(
+        repeats,
+        4 * per_sender,
+        "each key's twin was answered as a repeat"
+    );
+    let (accepted, counted) = plugin_requests(&paheko);
+    assert_eq!(accepted as usize, 4 * per_sender);
+    assert_eq!(counted as usize, 4 * per_sender);
+    let tickets = paheko.sql("SELECT COUNT(*) AS n FROM plugin_recyclique_tickets");
+    assert_eq!(tickets[0]["n"], 4 * per_sender as i64);
+
+    // The closes, in parallel too, twice each: one entry per session.
+    let totals: Vec<(i64, i64)> = (0..sessions)
+        .map(|s| {
+            let row = &paheko.sql(&format!(
+                "SELECT COALESCE(SUM(total_amount), 0) AS t, COUNT(*) AS n FROM plugin_recyclique_tickets \
+                 WHERE session_id = 'par-{s}'"
+            ))[0];
+            (row["t"].as_i64().unwrap(), row["n"].as_i64().unwrap())
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        for (s, (sales, items)) in totals.iter().enumerate() {
+            for twin in 0..2 {
+                let url = url.clone();
+                let key = format!("9000-{s}-{twin}");
+                scope.spawn(move || {
+                    let (status, _, body) = post(
+                        &url,
+                        &[
+                            ("X-Paheko-Secret", PLUGIN_SECRET),
+                            ("Idempotency-Key", &key),
+                            ("X-Paheko-Event", "pos.session.closed"),
+                        ],
+                        &a_close(&format!("par-{s}"), *sales, *items),
+                    );
+                    assert_eq!(status, 200, "{body}");
+                });
+            }
+        }
+    });
+    for (s, (sales, _)) in totals.iter().enumerate() {
+        let entries = paheko.entries(&format!("RECYCLIQUE-par-{s}"));
+        assert_eq!(entries.len(), 1, "one entry for par-{s}: {entries:?}");
+        assert_eq!(entries[0].credit("707"), *sales);
+    }
+    let php_errors =
+        fs::read_to_string(paheko.dir().join("log/php-errors.log")).unwrap_or_default();
+    assert!(!php_errors.contains("database is locked"), "{php_errors}");
+}
+
+#[test]
+fn a_redirect_and_an_html_page_are_explained_by_the_worker() {
+    let Some(paheko) = Paheko::with_plugin(PLUGIN_SECRET) else {
+        return;
+    };
+    let redis = RedisServer::start();
+    let mut conn = redis.conn();
+    let session = "s-explained";
+    xadd(
+        &mut conn,
+        STREAM,
+        &[
+            ("event", "pos.ticket.created"),
+            ("payload", &a_ticket(session, "sale-x1", "especes", 700)),
+        ],
+    );
+    // The URL without its trailing slash: a redirect, which the worker does not follow.
+    let slashless = paheko.plugin_url().trim_end_matches('/').to_owned();
+    let worker = Worker::spawn(env_with(
+        plugin_env(&redis, &paheko, "w1"),
+        [("PAHEKO_PLUGIN_URL", slashless.as_str())],
+    ));
+    let want = format!("use PAHEKO_PLUGIN_URL={}", paheko.plugin_url());
+    let line = worker.wait_for_log(&want, T, |l| {
+        l["msg"].as_str().is_some_and(|m| m.contains(&want))
+    });
+    assert_eq!(line["level"], "error", "{line}");
+    wait_until("/health names the refusal", T, || {
+        worker.health().1["paheko_refusing_status"]
+            .as_u64()
+            .is_some_and(|s| (300..400).contains(&s))
+    });
+    assert_eq!(
+        pending_count(&mut conn, STREAM, GROUP),
+        1,
+        "the ticket stays pending"
+    );
+    assert!(paheko.entries(&format!("RECYCLIQUE-{session}")).is_empty());
+    drop(worker);
+
+    // An HTML error page (Paheko's own 404 page for a plugin that does not exist), made a
+    // per-ticket refusal here so that it is dead-lettered: only its title is kept.
+    let worker = Worker::spawn(env_with(
+        plugin_env(&redis, &paheko, "w1"),
+        [
+            (
+                "PAHEKO_PLUGIN_URL",
+                format!("{}p/nope/", paheko.url()).as_str(),
+            ),
+            ("PAHEKO_PUSH_DEAD_LETTER_STATUSES", "404,422"),
+        ],
+    ));
+    wait_until("the ticket dead-lettered", T, || {
+        xlen(&mut redis.conn(), DEAD) == 1
+    });
+    let dead = stream_entries(&mut conn, DEAD);
+    let field = |name: &str| {
+        dead[0]
+            .1
+            .iter()
+            .find(|(f, _)| f == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default()
+    };
+    let detail = field("detail");
+    assert!(
+        detail.starts_with("HTML page: Erreur"),
+        "the page's title only: {detail}"
+    );
+    assert!(!detail.contains('<'), "no HTML kept: {detail}");
+    assert_eq!(field("status"), "404");
+    drop(worker);
+
+    // The right URL: a session whose close announces more than was sent is held: one
+    // warning with the code, counted on /health and /metrics.
+    xadd(
+        &mut conn,
+        STREAM,
+        &[
+            ("event", "pos.ticket.created"),
+            ("payload", &a_ticket(session, "sale-x2", "especes", 300)),
+        ],
+    );
+    xadd(
+        &mut conn,
+        STREAM,
+        &[
+            ("event", "pos.session.closed"),
+            ("payload", &a_close(session, 9999, 2)),
+        ],
+    );
+    let worker = Worker::spawn(plugin_env(&redis, &paheko, "w1"));
+    let warning = worker.wait_for_log("the held warning", T, |l| l["code"] == "totals_mismatch");
+    assert_eq!(warning["level"], "warn", "{warning}");
+    wait_until("drained", T, || drained(&redis));
+    assert_eq!(worker.health().1["held_sessions"], 1);
+    let (_, metrics) = worker.get("/metrics");
+    assert!(
+        metrics.contains("paheko_push_held_sessions_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        paheko.entries(&format!("RECYCLIQUE-{session}")).is_empty(),
+        "held, not booked"
+    );
 }
