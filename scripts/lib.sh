@@ -83,10 +83,10 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
-# What the packaging tests use (tests/packaging.rs, receiver.rs, alerts.rs): dpkg-deb and
-# lintian for the .deb, systemd-analyze for its units, file/ldd/unshare/chroot for the
-# static binary, podman for the image, promtool for the alert rules, nginx + php-fpm +
-# PDO/SQLite for the reference receiver. php-fpm is installed as php-fpm8.x.
+# What the packaging tests use (tests/packaging.rs, alerts.rs): dpkg-deb and lintian for
+# the .deb, systemd-analyze for its units, file/ldd/unshare/chroot for the static binary,
+# podman for the image, promtool for the alert rules (the real Paheko the plugin tests
+# run in needs ensure_paheko_deps). php-fpm is installed as php-fpm8.x.
 ensure_packaging_tools() {
   ensure_commands dpkg-deb:dpkg lintian:lintian systemd-analyze:systemd file:file \
     unshare:util-linux chroot:coreutils podman:podman promtool:prometheus nginx:nginx \

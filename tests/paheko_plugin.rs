@@ -1184,3 +1184,20 @@ fn a_redirect_and_an_html_page_are_explained_by_the_worker() {
         "held, not booked"
     );
 }
+
+#[test]
+fn the_plugin_verifies_signatures_with_the_contract_own_function() {
+    // lib/verify.php is docs/plugin-contract.md's paheko_push_verify(), which
+    // tests/signing.rs runs against what the worker really signs: they must not drift.
+    let plugin = fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/plugin/recyclique/lib/verify.php"
+    ))
+    .unwrap();
+    assert_eq!(
+        plugin.trim(),
+        super::signing::snippet().trim(),
+        "plugin/recyclique/lib/verify.php differs from the contract's function: extract it again \
+         (docs/paheko.md)"
+    );
+}

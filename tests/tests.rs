@@ -20,7 +20,6 @@ mod metrics;
 mod observability;
 mod packaging;
 mod paheko_plugin;
-mod receiver;
 mod resilience;
 mod retries;
 mod signing;
