@@ -104,10 +104,12 @@ ensure_packaging_tools() {
 # and nginx to serve it as a shop does, chromium to open the plugin's admin page as a
 # treasurer would. One apt-get run for everything missing.
 ensure_paheko_deps() {
-  local missing=() module
+  local missing=() module modules
   command -v php >/dev/null 2>&1 || missing+=(php8.2-cli)
+  # Read once: `php -m | grep -q` fails under pipefail when grep exits first.
+  modules=$(php -m 2>/dev/null || true)
   for module in sqlite3:pdo_sqlite intl:intl mbstring:mbstring xml:dom; do
-    php -m 2>/dev/null | grep -qx "${module#*:}" || missing+=("php8.2-${module%%:*}")
+    grep -qx "${module#*:}" <<<"$modules" || missing+=("php8.2-${module%%:*}")
   done
   ls /usr/sbin/php-fpm* >/dev/null 2>&1 || missing+=(php8.2-fpm)
   command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
