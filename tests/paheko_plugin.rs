@@ -1201,3 +1201,166 @@ fn the_plugin_verifies_signatures_with_the_contract_own_function() {
          (docs/paheko.md)"
     );
 }
+
+/// User + system CPU of process `pid` so far, from /proc.
+fn cpu_of(pid: u32) -> Duration {
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let get = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_millis((get(11) + get(12)) * 1000 / ticks)
+}
+
+/// §4 of issue 16, plugin mode: a weekend backlog (10,000 tickets, the producer's
+/// MAXLEN, over 20 sessions) drained into the real plugin in the real Paheko behind
+/// php-fpm. Prints figures; asserts only that the ledger is right.
+///   cargo test --release --test tests weekend_backlog -- --ignored --nocapture
+/// (PAHEKO_BENCH_CONCURRENCY sets the worker's PAHEKO_PUSH_CONCURRENCY, 4 by default.)
+#[test]
+#[ignore = "a benchmark (about a minute): run it with --ignored --nocapture"]
+fn weekend_backlog_drains_into_paheko() {
+    let Some(paheko) = Paheko::with_plugin(PLUGIN_SECRET) else {
+        return;
+    };
+    let redis = RedisServer::start();
+    let mut conn = redis.conn();
+    let (sessions, tickets) = (20usize, 10_000usize);
+    let mut totals = vec![(0i64, BTreeMap::<&str, i64>::new()); sessions];
+    let mut pipe = redis::pipe();
+    let opened = |s: usize| {
+        format!(
+            r#"{{"session_id":"wk-{s:02}","register_id":"Caisse {}","initial_amount":5000}}"#,
+            s % 3 + 1
+        )
+    };
+    for s in 0..sessions {
+        pipe.cmd("XADD")
+            .arg(STREAM)
+            .arg("*")
+            .arg("event")
+            .arg("pos.session.opened")
+            .arg("payload")
+            .arg(opened(s))
+            .ignore();
+    }
+    for n in 0..tickets {
+        let s = n % sessions;
+        let method = ["especes", "cb", "especes", "cheque"][n % 4];
+        let amount = 100 + (n as i64 * 37) % 4000;
+        totals[s].0 += amount;
+        *totals[s].1.entry(method).or_default() += amount;
+        pipe.cmd("XADD")
+            .arg(STREAM)
+            .arg("*")
+            .arg("event")
+            .arg("pos.ticket.created")
+            .arg("payload")
+            .arg(a_ticket(
+                &format!("wk-{s:02}"),
+                &format!("wk-sale-{n:05}"),
+                method,
+                amount,
+            ))
+            .ignore();
+    }
+    for (s, (sales, _)) in totals.iter().enumerate() {
+        pipe.cmd("XADD")
+            .arg(STREAM)
+            .arg("*")
+            .arg("event")
+            .arg("pos.session.closed")
+            .arg("payload")
+            .arg(a_close(
+                &format!("wk-{s:02}"),
+                *sales,
+                (tickets / sessions) as i64,
+            ))
+            .ignore();
+    }
+    pipe.query::<()>(&mut conn).expect("publishing the backlog");
+    let events = xlen(&mut conn, STREAM);
+
+    let concurrency = std::env::var("PAHEKO_BENCH_CONCURRENCY").unwrap_or_else(|_| "4".into());
+    let fpm_before = paheko.fpm_cpu();
+    let started = std::time::Instant::now();
+    let worker = Worker::spawn(env_with(
+        plugin_env(&redis, &paheko, "weekend"),
+        [
+            ("PAHEKO_PUSH_LOG", "warn"),
+            ("PAHEKO_PUSH_CONCURRENCY", concurrency.as_str()),
+        ],
+    ));
+    wait_until("the backlog drained", Duration::from_secs(900), || {
+        assert!(
+            worker.try_status().is_none(),
+            "the worker exited:\n{}",
+            worker.stderr()
+        );
+        drained(&redis)
+    });
+    let drain = started.elapsed();
+    let fpm = paheko.fpm_cpu() - fpm_before;
+    let worker_cpu = cpu_of(worker.pid());
+
+    let log = fs::read_to_string(paheko.dir().join("log/access.log")).unwrap();
+    let plugin_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" /p/recyclique/ "))
+        .collect();
+    let mut writes: Vec<f64> = plugin_lines
+        .iter()
+        .filter_map(|l| {
+            l.rsplit_once("write;dur=")
+                .and_then(|(_, d)| d.trim().parse().ok())
+        })
+        .collect();
+    writes.sort_by(f64::total_cmp);
+    let mut request_times: Vec<f64> = plugin_lines
+        .iter()
+        .filter_map(|l| l.split_whitespace().nth(5).and_then(|t| t.parse().ok()))
+        .collect();
+    request_times.sort_by(f64::total_cmp);
+    let pct = |v: &[f64], p: f64| v[((v.len() - 1) as f64 * p) as usize];
+    let serialized: f64 = writes.iter().sum::<f64>() / 1000.0;
+    let mean_write = serialized * 1000.0 / writes.len() as f64;
+
+    // The ledger: 20 entries, each equal to its session's sales.
+    let entries = paheko.all_entries();
+    assert_eq!(entries.len(), sessions, "one entry per session");
+    for (s, (sales, by_method)) in totals.iter().enumerate() {
+        let entry = &paheko.entries(&format!("RECYCLIQUE-wk-{s:02}"))[0];
+        assert_eq!(entry.credit("707"), *sales);
+        for (method, sum) in by_method {
+            assert_eq!(entry.debit(account_of(method)), *sum);
+        }
+    }
+    eprintln!(
+        "weekend backlog into the real plugin (concurrency {concurrency}, php-fpm 4 children): \
+         {events} events ({tickets} tickets, {sessions} sessions) drained in {:.1} s = {:.0} events/s; \
+         {} requests; nginx request time p50 {:.1} ms p99 {:.1} ms; serialized write (lock → commit) \
+         p50 {:.2} ms p99 {:.2} ms mean {:.2} ms, sum {:.1} s = the bound ({:.0} events/s at most); \
+         Paheko CPU (php-fpm children) {:.1} s = {:.2} ms/request; worker CPU {:.2} s; {} entries in the ledger",
+        drain.as_secs_f64(),
+        events as f64 / drain.as_secs_f64(),
+        plugin_lines.len(),
+        pct(&request_times, 0.5) * 1000.0,
+        pct(&request_times, 0.99) * 1000.0,
+        pct(&writes, 0.5),
+        pct(&writes, 0.99),
+        mean_write,
+        serialized,
+        1000.0 / mean_write,
+        fpm.as_secs_f64(),
+        fpm.as_secs_f64() * 1000.0 / plugin_lines.len() as f64,
+        worker_cpu.as_secs_f64(),
+        entries.len(),
+    );
+}
