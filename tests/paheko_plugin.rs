@@ -960,6 +960,38 @@ fn the_endpoint_answers_the_contract_in_json() {
     let empty = close("s-empty", "12-0", 0, 0);
     assert_eq!(empty["status"], "empty", "{empty}");
 
+    // A ticket whose payments do not add up holds its session.
+    let unbalanced = a_ticket("s-unbalanced", "sale-u1", "especes", 900)
+        .replace("\"amount\":900", "\"amount\":800");
+    let (status, _, body) = post(
+        &url,
+        &[
+            secret,
+            ("Idempotency-Key", "13-0"),
+            ("X-Paheko-Event", "pos.ticket.created"),
+        ],
+        &unbalanced,
+    );
+    assert_eq!(status, 200, "{body}");
+    let held = close("s-unbalanced", "13-1", 900, 1);
+    assert_eq!(held["code"], "payments_mismatch", "{held}");
+
+    // A close dated outside every open year holds its session.
+    add("s-2031", "sale-y1", "14-0", "especes", 400);
+    let (status, _, body) = post(
+        &url,
+        &[
+            secret,
+            ("Idempotency-Key", "14-1"),
+            ("X-Paheko-Event", "pos.session.closed"),
+        ],
+        r#"{"session_id":"s-2031","closed_at":"2031-06-01T10:00:00Z","total_sales":400,"total_items":1}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let held: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(held["code"], "no_open_year", "{held}");
+    assert_eq!(held["date"], "2031-06-01", "{held}");
+
     let (status, content_type, body) = post(&format!("{url}nothing-here.php"), &[secret], "{}");
     assert!(
         !content_type.contains("json"),
@@ -1362,5 +1394,53 @@ fn weekend_backlog_drains_into_paheko() {
         fpm.as_secs_f64() * 1000.0 / plugin_lines.len() as f64,
         worker_cpu.as_secs_f64(),
         entries.len(),
+    );
+}
+
+#[test]
+fn the_secret_is_changed_on_the_configuration_page() {
+    let Some(paheko) = Paheko::with_plugin(PLUGIN_SECRET) else {
+        return;
+    };
+    let Some(browser) = Browser::new(&paheko) else {
+        return;
+    };
+    browser.login(&paheko);
+    let url = paheko.plugin_url();
+    let ping = |secret: &str| {
+        post(
+            &url,
+            &[("X-Paheko-Secret", secret), ("X-Paheko-Event", "ping")],
+            "",
+        )
+        .0
+    };
+    assert_eq!(ping(PLUGIN_SECRET), 200);
+    let rotated = "rotated-secret-7d1c";
+    let outcome = browser.run_script(
+        &paheko,
+        "config-for-tests.html",
+        &format!(
+            "const get = new XMLHttpRequest();\n\
+             get.open('GET', '/admin/p/recyclique/config.php', false); get.send();\n\
+             const form = new DOMParser().parseFromString(get.responseText, 'text/html').querySelector('form');\n\
+             if (!form) return 'no form: ' + get.status;\n\
+             const data = new URLSearchParams(new FormData(form));\n\
+             data.set('secret', {rotated:?}); data.set('save', '1');\n\
+             const post = new XMLHttpRequest();\n\
+             post.open('POST', '/admin/p/recyclique/config.php', false);\n\
+             post.setRequestHeader('Content-Type', 'application/x-www-form-urlencoded');\n\
+             post.send(data.toString());\n\
+             return post.responseURL.includes('?ok') ? 'saved' : 'not saved: ' + post.status;"
+        ),
+    );
+    assert_eq!(outcome, "saved");
+    assert_eq!(ping(PLUGIN_SECRET), 401, "the old secret is refused");
+    assert_eq!(ping(rotated), 200, "the new one is accepted");
+    let dom = browser.dump_dom(&format!("{}admin/p/recyclique/config.php", paheko.url()));
+    assert!(!dom.contains(rotated), "the secret is never displayed");
+    assert!(
+        dom.contains("especes:530,cheque:5112,cb:5115,virement:512"),
+        "{dom}"
     );
 }
