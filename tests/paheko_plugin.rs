@@ -1444,3 +1444,103 @@ fn the_secret_is_changed_on_the_configuration_page() {
         "{dom}"
     );
 }
+
+#[test]
+fn a_database_held_busy_is_a_json_503_and_the_worker_tries_again() {
+    let Some(paheko) = Paheko::with_plugin(PLUGIN_SECRET) else {
+        return;
+    };
+    // Another writer (a treasurer's long import, a backup) holds Paheko's database past
+    // Paheko's 10 s busy timeout.
+    let mut holder = Command::new("php")
+        .arg("-r")
+        .arg(
+            r#"$db = new SQLite3($argv[1]); $db->exec('BEGIN IMMEDIATE'); echo "locked\n";
+               fgets(STDIN); $db->exec('COMMIT');"#,
+        )
+        .arg(paheko.database())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the locking php");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "locked");
+    let redis = RedisServer::start();
+    let mut conn = redis.conn();
+    xadd(
+        &mut conn,
+        STREAM,
+        &[
+            ("event", "pos.ticket.created"),
+            ("payload", &a_ticket("s-busy", "sale-busy", "cb", 450)),
+        ],
+    );
+    let worker = Worker::spawn(env_with(
+        plugin_env(&redis, &paheko, "w1"),
+        [
+            ("PAHEKO_PUSH_TIMEOUT_SECONDS", "20"),
+            ("PAHEKO_PUSH_CLAIM_IDLE_SECONDS", "30"),
+        ],
+    ));
+    wait_until("a 503 from the plugin", T, || {
+        paheko.statuses("/p/recyclique/").contains(&503)
+    });
+    let log = fs::read_to_string(paheko.dir().join("log/access.log")).unwrap();
+    assert!(log.contains("503 POST /p/recyclique/"), "{log}");
+    // Released: the next attempt is accepted.
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
+    wait_until("drained", T, || drained(&redis));
+    assert!(
+        worker.log_lines().iter().any(|l| l["status"] == 503),
+        "the worker saw the 503"
+    );
+    let stored = paheko
+        .sql("SELECT COUNT(*) AS n FROM plugin_recyclique_tickets WHERE sale_id = 'sale-busy'");
+    assert_eq!(stored[0]["n"], 1);
+    // What the 503 said: JSON with its code, straight from the plugin.
+    let (status, content_type, body) = {
+        let mut holder = Command::new("php")
+            .arg("-r")
+            .arg(r#"$db = new SQLite3($argv[1]); $db->exec('BEGIN IMMEDIATE'); echo "locked\n"; fgets(STDIN);"#)
+            .arg(paheko.database())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let answer = post(
+            &paheko.plugin_url(),
+            &[
+                ("X-Paheko-Secret", PLUGIN_SECRET),
+                ("Idempotency-Key", "77-0"),
+                ("X-Paheko-Event", "pos.ticket.created"),
+            ],
+            &a_ticket("s-busy", "sale-busy-2", "cb", 100),
+        );
+        drop(holder.stdin.take());
+        holder.wait().unwrap();
+        answer
+    };
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        content_type.starts_with("application/json"),
+        "{content_type}: {body}"
+    );
+    assert!(body.contains("\"database_busy\""), "{body}");
+    assert_eq!(
+        plugin_requests(&paheko).0,
+        1,
+        "the refused request is not remembered"
+    );
+}
