@@ -1544,3 +1544,62 @@ fn a_database_held_busy_is_a_json_503_and_the_worker_tries_again() {
         "the refused request is not remembered"
     );
 }
+
+#[test]
+fn a_held_session_is_dropped_on_the_admin_page() {
+    let Some(paheko) = Paheko::with_plugin(PLUGIN_SECRET) else {
+        return;
+    };
+    let url = paheko.plugin_url();
+    let send = |key: &str, event: &str, body: &str| {
+        let (status, _, answer) = post(
+            &url,
+            &[
+                ("X-Paheko-Secret", PLUGIN_SECRET),
+                ("Idempotency-Key", key),
+                ("X-Paheko-Event", event),
+            ],
+            body,
+        );
+        assert_eq!(status, 200, "{answer}");
+        answer
+    };
+    send(
+        "1-0",
+        "pos.ticket.created",
+        &a_ticket("s-drop", "sale-d1", "especes", 600),
+    );
+    let held = send("1-1", "pos.session.closed", &a_close("s-drop", 6000, 1));
+    assert!(held.contains("totals_mismatch"), "{held}");
+    let Some(browser) = Browser::new(&paheko) else {
+        return;
+    };
+    browser.login(&paheko);
+    let outcome = browser.run_script(
+        &paheko,
+        "drop-for-tests.html",
+        "const get = new XMLHttpRequest();\n\
+         get.open('GET', '/admin/p/recyclique/', false); get.send();\n\
+         const page = new DOMParser().parseFromString(get.responseText, 'text/html');\n\
+         const form = page.querySelector('tr[data-session=\"s-drop\"] form');\n\
+         if (!form) return 'no form';\n\
+         const data = new URLSearchParams(new FormData(form));\n\
+         data.set('decision', 'drop');\n\
+         const post = new XMLHttpRequest();\n\
+         post.open('POST', '/admin/p/recyclique/', false);\n\
+         post.setRequestHeader('Content-Type', 'application/x-www-form-urlencoded');\n\
+         post.send(data.toString());\n\
+         const row = new DOMParser().parseFromString(post.responseText, 'text/html')\n\
+           .querySelector('tr[data-session=\"s-drop\"]');\n\
+         return row ? row.dataset.state : 'no row';",
+    );
+    assert_eq!(outcome, "dropped");
+    assert!(
+        paheko.all_entries().is_empty(),
+        "nothing booked for a dropped session"
+    );
+    // A repeat of its close changes nothing either.
+    let again = send("1-1", "pos.session.closed", &a_close("s-drop", 6000, 1));
+    assert!(again.contains("\"repeat\":true"), "{again}");
+    assert!(paheko.all_entries().is_empty());
+}
