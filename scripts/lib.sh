@@ -83,11 +83,11 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
-# What the packaging tests use (tests/packaging.rs, receiver.rs, alerts.rs): dpkg-deb and
-# lintian for the .deb, systemd-analyze for its units, file/ldd/unshare/chroot for the
-# static binary, podman for the image, promtool for the alert rules, nginx + php-fpm +
-# PDO/SQLite for the reference receiver, docker-compose (its schema), podman-compose and
-# python3-jsonschema for deploy/compose.yaml. php-fpm is installed as php-fpm8.x.
+# What the packaging tests use (tests/packaging.rs, alerts.rs): dpkg-deb and lintian for
+# the .deb, systemd-analyze for its units, file/ldd/unshare/chroot for the static binary,
+# podman for the image, promtool for the alert rules, docker-compose (its schema),
+# podman-compose and python3-jsonschema for deploy/compose.yaml (the real Paheko the
+# plugin tests run in needs ensure_paheko_deps). php-fpm is installed as php-fpm8.x.
 ensure_packaging_tools() {
   ensure_commands dpkg-deb:dpkg lintian:lintian systemd-analyze:systemd file:file \
     unshare:util-linux setpriv:util-linux chroot:coreutils podman:podman \
@@ -111,10 +111,12 @@ ensure_packaging_tools() {
 # and nginx to serve it as a shop does, chromium to open the plugin's admin page as a
 # treasurer would. One apt-get run for everything missing.
 ensure_paheko_deps() {
-  local missing=() module
+  local missing=() module modules
   command -v php >/dev/null 2>&1 || missing+=(php8.2-cli)
+  # Read once: `php -m | grep -q` fails under pipefail when grep exits first.
+  modules=$(php -m 2>/dev/null || true)
   for module in sqlite3:pdo_sqlite intl:intl mbstring:mbstring xml:dom; do
-    php -m 2>/dev/null | grep -qx "${module#*:}" || missing+=("php8.2-${module%%:*}")
+    grep -qx "${module#*:}" <<<"$modules" || missing+=("php8.2-${module%%:*}")
   done
   ls /usr/sbin/php-fpm* >/dev/null 2>&1 || missing+=(php8.2-fpm)
   command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)

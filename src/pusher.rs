@@ -587,6 +587,27 @@ mod tests {
     }
 
     #[test]
+    fn the_event_type_comes_from_the_entry_else_from_the_payload() {
+        let parse = |fields: &[(&str, &str)]| {
+            let fields = fields
+                .iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect();
+            let keys = vec!["cash_session_id".to_string(), "session_id".to_string()];
+            Event::parse("1700000000000-1".parse().unwrap(), fields, &keys).unwrap()
+        };
+        let ticket = r#"{"event":"pos.ticket.created","sale_id":"s1","cash_session_id":"c1"}"#;
+        let e = parse(&[("event", "pos.session.closed"), ("payload", ticket)]);
+        assert_eq!(event_type(&e).as_deref(), Some("pos.session.closed"));
+        let e = parse(&[("payload", ticket)]);
+        assert_eq!(event_type(&e).as_deref(), Some("pos.ticket.created"));
+        let e = parse(&[("payload", r#"{"session_id":"c1"}"#)]);
+        assert_eq!(event_type(&e), None);
+        let e = parse(&[("payload", r#"{"event":"bad\nvalue","session_id":"c1"}"#)]);
+        assert_eq!(event_type(&e), None, "never a header value with a newline");
+    }
+
+    #[test]
     fn an_html_page_is_reduced_to_its_title() {
         let page = "<!DOCTYPE html>\n<html><head><meta charset=utf-8>\n<TITLE>\n  Erreur\n interne </title></head><body><pre>SQLite3Exception: database is locked in /var/www/…</pre></body></html>";
         assert_eq!(html_title(page).as_deref(), Some("Erreur interne"));

@@ -158,12 +158,25 @@ fn the_deb_holds_the_program_the_units_the_conffile_and_the_docs() {
         "docs/systemd.md",
         "docs/plugin-contract.md",
         "docs/dead-letters.md",
-        "examples/plugin/receive.php",
+        "examples/plugin/README.md",
         "examples/compose.yaml",
         "examples/paheko-push.rules.yml",
     ] {
         assert_eq!(
             mode_of(&format!("./usr/share/doc/paheko-push/{doc}")),
+            "-rw-r--r-- 0/0"
+        );
+    }
+    for file in [
+        "plugin.ini",
+        "install.php",
+        "lib/Receiver.php",
+        "public/index.php",
+        "admin/index.php",
+        "templates/index.tpl",
+    ] {
+        assert_eq!(
+            mode_of(&format!("./usr/share/paheko-push/plugin/recyclique/{file}")),
             "-rw-r--r-- 0/0"
         );
     }

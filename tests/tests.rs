@@ -22,7 +22,6 @@ mod operator;
 mod packaging;
 mod paheko_api;
 mod paheko_plugin;
-mod receiver;
 mod resilience;
 mod retries;
 mod signing;

@@ -499,7 +499,8 @@ impl Paheko {
 
     /// The journal of account `code` in year `year`
     /// (`/api/accounting/years/ID/account/journal?code=…`): its rows as Paheko gives
-    /// them (amounts in decimal euros: [`euros_to_cents`]).
+    /// them (on 1.3.22.1 its `debit`/`credit` are integer cents, unlike the decimal euros
+    /// a transaction is POSTed with; [`euros_to_cents`] reads the latter).
     pub fn journal(&self, year: i64, code: &str) -> Vec<Value> {
         let json = self.api_json(&format!(
             "accounting/years/{year}/account/journal?code={code}"

@@ -210,7 +210,7 @@ class Booking
 	{
 		$parts = [];
 		if (array_key_exists('total_sales', $figures)) {
-			$parts[] = sprintf('ventes %s €', self::euros((int) $figures['total_sales']));
+			$parts[] = sprintf('ventes %s €', str_replace('.', ',', self::euros((int) $figures['total_sales'])));
 		}
 		if (array_key_exists('total_items', $figures)) {
 			$parts[] = sprintf('%d article(s)', $figures['total_items']);

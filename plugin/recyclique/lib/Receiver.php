@@ -119,6 +119,10 @@ class Receiver
 		}
 
 		$lock = self::lock();
+		// The serialized part of a request, from the lock to the commit: what bounds a
+		// drain (docs/performance.md). Sent as Server-Timing for the operator's logs.
+		$locked_at = microtime(true);
+		$timing = fn () => ['Server-Timing' => sprintf('write;dur=%.2f', (microtime(true) - $locked_at) * 1000)];
 		$db = DB::getInstance();
 		$db->begin();
 		// The first statement writes: it takes SQLite's write lock now (see the class doc),
@@ -128,7 +132,7 @@ class Receiver
 			$first = $db->first('SELECT status, answer FROM plugin_recyclique_requests WHERE idempotency_key = ?;', $key);
 			$db->commit();
 			flock($lock, LOCK_UN);
-			return [(int) $first->status, json_decode($first->answer, true) + ['repeat' => true], []];
+			return [(int) $first->status, json_decode($first->answer, true) + ['repeat' => true], $timing()];
 		}
 		try {
 			// Checked after the key: a repeat is answered as the first time, whatever it holds.
@@ -146,7 +150,7 @@ class Receiver
 			json_encode($answer, JSON_UNESCAPED_UNICODE | JSON_UNESCAPED_SLASHES)]);
 		$db->commit();
 		flock($lock, LOCK_UN);
-		return [200, $answer, []];
+		return [200, $answer, $timing()];
 	}
 
 	/** The plugin-level lock: one writer at a time among the plugin's requests. */
