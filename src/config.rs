@@ -670,6 +670,17 @@ impl Config {
                 ));
             }
         };
+        let dead_letter_stream = text(raw.paheko_push_dead_letter_stream, &format!("{stream}:dead"));
+        if dead_letter_stream == stream {
+            // A dead letter would be read back as a new ticket, refused again, and so on
+            // (one ticket sent 667 times in 5 s: issue 13, 12).
+            return Err(err(
+                "PAHEKO_PUSH_DEAD_LETTER_STREAM",
+                format!(
+                    "must differ from the stream it collects from ({stream:?}); leave it unset for {stream}:dead"
+                ),
+            ));
+        }
         let redis_url = redis_url(raw.redis_url)?;
         if redis_ca.is_some() && !redis_url.starts_with("rediss://") {
             return Err(err(
@@ -682,10 +693,7 @@ impl Config {
         }
         Ok(Config {
             redis_url,
-            dead_letter_stream: text(
-                raw.paheko_push_dead_letter_stream,
-                &format!("{stream}:dead"),
-            ),
+            dead_letter_stream,
             stream,
             group: text(raw.paheko_push_group, DEFAULT_GROUP),
             consumer: match raw.paheko_push_consumer {
@@ -887,6 +895,17 @@ fn statuses(var: &str, value: Option<String>) -> Result<Vec<u16>, ConfigError> {
                 ));
             }
         }
+    }
+    // "," named no status: every 4xx would then mean "the plugin refuses everything",
+    // and one bad ticket would block the rest (issue 13, 5). Unset means the default.
+    if out.is_empty() {
+        return Err(err(
+            var,
+            format!(
+                "lists no status (got {v:?}); leave it unset for the default {}",
+                crate::retry::DEAD_LETTER_STATUSES.map(|s| s.to_string()).join(",")
+            ),
+        ));
     }
     Ok(out)
 }
@@ -1384,6 +1403,26 @@ mod tests {
     fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
         Config::from_raw(Raw::from_vars(vars)?)
+    }
+
+    #[test]
+    fn settings_that_would_loop_on_one_ticket_are_refused() {
+        // issue 13, 12: dead letters written to the stream they come from.
+        let e = config(&[
+            ("REDIS_STREAM_PUSH_CAISSE", "shop:caisse"),
+            ("PAHEKO_PUSH_DEAD_LETTER_STREAM", "shop:caisse"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.var, "PAHEKO_PUSH_DEAD_LETTER_STREAM");
+        assert!(e.problem.contains("must differ"), "{e}");
+        // issue 13, 5: a list naming no status.
+        for empty in [",", " , ,"] {
+            let e = config(&[("PAHEKO_PUSH_DEAD_LETTER_STATUSES", empty)]).unwrap_err();
+            assert_eq!(e.var, "PAHEKO_PUSH_DEAD_LETTER_STATUSES");
+            assert!(e.problem.contains("lists no status"), "{e}");
+        }
+        let c = config(&[("PAHEKO_PUSH_DEAD_LETTER_STATUSES", "")]).unwrap();
+        assert_eq!(c.dead_letter_statuses, crate::retry::DEAD_LETTER_STATUSES);
     }
 
     #[test]

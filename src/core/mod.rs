@@ -799,8 +799,14 @@ impl Core {
             }
             _ => String::new(),
         };
-        log::info!(tenure = tenure, fence_ms = fence.as_millis() as u64, how = how.describe(), previous = previous.as_str();
-            "this instance holds the lease: it delivers, taking over every pending entry first");
+        let fence_ms = fence.as_millis() as u64;
+        if previous.is_empty() {
+            log::info!(tenure = tenure, fence_ms = fence_ms, how = how.describe();
+                "this instance holds the lease: it delivers, taking over every pending entry first");
+        } else {
+            log::info!(tenure = tenure, fence_ms = fence_ms, how = how.describe(), previous = previous.as_str();
+                "this instance holds the lease: it delivers, taking over every pending entry first");
+        }
         self.tenure = tenure;
         self.lease_value = value;
         self.standing = Standing::Active {
