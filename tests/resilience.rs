@@ -19,16 +19,6 @@ fn cmd(conn: &mut redis::Connection, args: &[&str]) -> redis::Value {
     c.query(conn).unwrap_or_else(|e| panic!("{args:?}: {e}"))
 }
 
-fn accepted_order(sink: &Sink, accepted: impl Fn(&Received) -> bool) -> Vec<String> {
-    let mut seen = HashSet::new();
-    sink.received()
-        .iter()
-        .filter(|r| accepted(r))
-        .map(sale_of)
-        .filter(|s| seen.insert(s.clone()))
-        .collect()
-}
-
 #[test]
 fn a_dead_consumers_entries_are_taken_over_in_order() {
     let redis = RedisServer::start();
@@ -76,14 +66,11 @@ fn a_dead_consumers_entries_are_taken_over_in_order() {
     );
     assert_eq!(took["entries"], 2);
     down.store(false, Ordering::SeqCst);
-    wait_until("all delivered", T, || {
-        pending_count(&mut conn, STREAM, GROUP) == 0
-    });
-    // k1 and k2 came back after k3 was read, yet went out before it.
-    assert_eq!(
-        accepted_order(&sink, Received::accepted),
-        ["k0", "k1", "k2", "k3"]
-    );
+    let received = settle(&sink, &mut conn, T);
+    // k1 and k2 came back after k3 was read, yet went out before it, each once the one
+    // before was accepted.
+    let report = assert_order_by_answers(&received, session_of, &[]);
+    assert_eq!(report.accepted, ids.iter().cloned().collect());
 }
 
 #[test]
@@ -313,10 +300,15 @@ fn entries_a_tool_left_pending_meanwhile_are_taken_over_after_claim_idle() {
         Duration::from_secs(20),
     );
     assert_eq!(took["entries"], 2);
-    wait_until("delivered", T, || {
+    let received = settle_when(&sink, "both delivered", T, || {
         pending_count(&mut conn, STREAM, GROUP) == 0 && sink.accepted().len() == 2
     });
-    assert_eq!(sink.accepted_keys(), ids, "in stream order");
+    let report = assert_order_by_answers(&received, session_of, &[]);
+    assert_eq!(
+        report.accepted,
+        ids.iter().cloned().collect(),
+        "both, in stream order"
+    );
 }
 
 #[test]

@@ -22,6 +22,7 @@
 // Not every helper is used by every test (or by any test yet).
 #![allow(dead_code)]
 
+mod lanes;
 mod redis_server;
 mod sink;
 mod worker;
@@ -30,6 +31,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 // Re-exported whole; the tests use different subsets.
+#[allow(unused_imports)]
+pub use lanes::{
+    OrderReport, all_read, assert_order_by_answers, dead_lettered_ids, session_of, settle,
+    settle_when,
+};
 #[allow(unused_imports)]
 pub use redis_server::{
     RedisServer, group_info, group_lag, pending_count, pending_ids, stream_entries, xadd,

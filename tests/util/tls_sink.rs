@@ -322,7 +322,9 @@ impl Shared {
                 body,
                 attempt: 0,
                 answered: None,
+                answered_at: None,
             });
+            let writing = Instant::now();
             let out = stream.get_mut();
             if out
                 .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
@@ -331,7 +333,9 @@ impl Shared {
             {
                 return;
             }
-            self.received.lock().unwrap()[index].answered = Some(204);
+            let mut received = self.received.lock().unwrap();
+            received[index].answered = Some(204);
+            received[index].answered_at = Some(writing);
         }
     }
 
