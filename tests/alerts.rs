@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use super::packaging::{need, output};
+use super::packaging::output;
 use super::util::*;
 
 const T: Duration = Duration::from_secs(20);

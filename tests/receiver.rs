@@ -18,7 +18,7 @@ use base64::engine::general_purpose::STANDARD;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
-use super::packaging::{need, output, skip, which};
+use super::packaging::output;
 use super::util::*;
 use crate::tls_sink::TestPki;
 
