@@ -479,3 +479,125 @@ fn check_says_who_holds_the_lease() {
     let released = lease_line(env);
     assert!(released.contains("released by box-a"), "{released}");
 }
+
+/// The fence exercised (issue 15 §2). Box-a is paused (SIGSTOP) with a request per
+/// session at a slow plugin and stays paused past its lease; box-b takes the lease over
+/// an expired key while box-a's entries are pending, so it must wait the fence
+/// (deadline 2 s + timeout 8 s − lease 3 s = 7 s) before its first request: box-a's
+/// requests (answered after 6 s, within its timeout) are still at the plugin until then.
+/// Each instance has a sink of its own, so who sent what is known; their clocks are one.
+/// Checked: one request per session at the plugin at a time across both instances,
+/// order by answers, and nothing from box-a once box-b started sending, even after
+/// box-a is resumed.
+#[test]
+fn a_holder_paused_past_its_lease_is_fenced_out() {
+    let redis = RedisServer::start();
+    let slow = Sink::start(|_| Reply::status(204).after(Duration::from_secs(6)));
+    let quick = Sink::start(|_| Reply::status(204).after(Duration::from_millis(10)));
+    let mut conn = redis.conn();
+    let tickets = publish(&mut conn, 3, 4);
+    let extra = [
+        ("PAHEKO_PUSH_TIMEOUT_SECONDS", "8"),
+        ("PAHEKO_PUSH_CLAIM_IDLE_SECONDS", "9"),
+        ("PAHEKO_PUSH_CONCURRENCY", "3"),
+    ];
+    let a = instance(&redis, &slow, "box-a", &extra);
+    wait_until("box-a active", T, || role(&a) == "active");
+    let b = instance(&redis, &quick, "box-b", &extra);
+    wait_until("box-b standing by", T, || role(&b) == "standby");
+    slow.wait_for_count(3, T);
+    a.sigstop();
+    let took = b.wait_for_msg(
+        "this instance holds the lease: it delivers, taking over every pending entry first",
+        T,
+    );
+    assert!(
+        took["fence_ms"].as_u64().is_some_and(|f| f > 0),
+        "the fence is exercised: {took}"
+    );
+    quick.wait_for_count(1, T);
+    a.sigcont();
+    a.wait_for_log("box-a steps down once resumed", T, |l| {
+        l["msg"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("stepping down"))
+    });
+    settle_when(&quick, "everything delivered by box-b", T, || {
+        slow.all_handled() && pending_count(&mut conn, STREAM, GROUP) == 0
+    });
+    let (from_a, from_b) = (slow.received(), quick.received());
+    let first_of_b = from_b[0].at;
+    let late: Vec<String> = from_a
+        .iter()
+        .filter(|r| r.at > first_of_b)
+        .map(sale_of)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "box-a sent {late:?} after box-b had started sending"
+    );
+    let all: Vec<Received> = from_a.into_iter().chain(from_b).collect();
+    assert_one_in_flight_per_lane(&all, session_of);
+    // Box-a's three were accepted while it was paused, unacknowledged: sent again.
+    assert!(first_acceptances_in_order(&all, &tickets) <= 3);
+}
+
+/// A lease value this instance did not write (issue 15 §2): someone — a restored dump,
+/// an operator, an instance of another build — overwrites the key. The holder's next
+/// renewal finds a stranger's value and it steps down: from then on nothing reaches the
+/// plugin while the stranger's key lives, from either instance. Once it expires, one
+/// of them takes over and delivers the rest in order.
+#[test]
+fn a_lease_value_written_by_hand_stops_the_holder() {
+    let redis = RedisServer::start();
+    let sink = Sink::start(|_| Reply::status(204).after(Duration::from_millis(100)));
+    let mut conn = redis.conn();
+    let tickets = publish(&mut conn, 4, 100);
+    let a = instance(&redis, &sink, "box-a", &[("PAHEKO_PUSH_CONCURRENCY", "4")]);
+    wait_until("box-a active", T, || role(&a) == "active");
+    let b = instance(&redis, &sink, "box-b", &[]);
+    wait_until("box-b standing by", T, || role(&b) == "standby");
+    sink.wait_for_accepted(20, T);
+    let stranger = r#"{"consumer":"intruder","token":"not-ours","since":1}"#;
+    let _: () = redis::cmd("SET")
+        .arg(format!("{STREAM}:{GROUP}:active"))
+        .arg(stranger)
+        .arg("PX")
+        .arg(6000)
+        .query(&mut conn)
+        .unwrap();
+    let written = Instant::now();
+    // Box-a renews every second: within one it finds the stranger's value and stops
+    // starting requests; what it had sent arrives within a moment. From then on the
+    // plugin must hear nothing until the stranger's key expires. (A window where nothing
+    // must happen: the sleeps are its bounds.)
+    thread::sleep(Duration::from_millis(2000));
+    let quiet_from = Instant::now();
+    thread::sleep((written + Duration::from_millis(5500)).saturating_duration_since(quiet_from));
+    let during: Vec<String> = sink
+        .received()
+        .iter()
+        .filter(|r| r.at > quiet_from)
+        .map(sale_of)
+        .collect();
+    assert!(
+        during.is_empty(),
+        "sent while a stranger held the lease: {during:?}"
+    );
+    a.wait_for_log("box-a stepped down", T, |l| {
+        l["msg"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("stepping down"))
+    });
+    assert!(pending_count(&mut conn, STREAM, GROUP) > 0, "work was left");
+    let received = settle(&sink, &mut conn, T);
+    assert_one_in_flight_per_lane(&received, session_of);
+    first_acceptances_in_order(&received, &tickets);
+    assert_eq!(
+        [role(&a), role(&b)]
+            .iter()
+            .filter(|r| *r == "active")
+            .count(),
+        1
+    );
+}

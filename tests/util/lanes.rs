@@ -121,6 +121,42 @@ pub fn assert_order_by_answers(
     report
 }
 
+/// Asserts that no two requests of one lane (`key_of`) were at the plugin at once: each
+/// arrived after the answers to every earlier request of its lane were written. This is
+/// "at most one request in flight per session", across instances too when `received`
+/// merges several sinks (their `Instant`s share one clock). Requests left without an
+/// answer (hung up on, client gone) do not count; nor use it where the worker gives up
+/// on a request (its timeout) while the plugin still holds it.
+pub fn assert_one_in_flight_per_lane(
+    received: &[Received],
+    key_of: impl Fn(&Received) -> Option<String>,
+) {
+    let mut by_arrival: Vec<&Received> = received.iter().collect();
+    by_arrival.sort_by_key(|r| r.at);
+    let origin = by_arrival.first().map(|r| r.at);
+    let ms = |t: Instant| origin.map_or(0.0, |o| t.duration_since(o).as_secs_f64() * 1000.0);
+    let mut busy_until: HashMap<String, (Instant, String)> = HashMap::new();
+    for r in by_arrival {
+        let Some(lane) = key_of(r) else { continue };
+        let key = r.idempotency_key().unwrap_or("-").to_owned();
+        if let Some((until, before)) = busy_until.get(&lane) {
+            assert!(
+                r.at > *until,
+                "lane {lane}: a request for {key} arrived at {:.1} ms while the request for \
+                 {before} was still at the plugin (answered at {:.1} ms): two in flight",
+                ms(r.at),
+                ms(*until)
+            );
+        }
+        if let Some(answered) = r.answered_at {
+            let slot = busy_until.entry(lane).or_insert((answered, key.clone()));
+            if answered >= slot.0 {
+                *slot = (answered, key);
+            }
+        }
+    }
+}
+
 /// An instant no request can come after, for a ticket that was never released.
 fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(365 * 24 * 3600)

@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 // Re-exported whole; the tests use different subsets.
 #[allow(unused_imports)]
 pub use lanes::{
-    OrderReport, all_read, assert_order_by_answers, dead_lettered_ids, session_of, settle,
-    settle_when,
+    OrderReport, all_read, assert_one_in_flight_per_lane, assert_order_by_answers,
+    dead_lettered_ids, session_of, settle, settle_when,
 };
 #[allow(unused_imports)]
 pub use redis_server::{

@@ -262,6 +262,17 @@ impl Worker {
         self.signal("INT");
     }
 
+    /// Pauses the worker (SIGSTOP), as a frozen VM or a long GC pause would: it neither
+    /// renews its lease nor notices it lost it until [`Worker::sigcont`].
+    pub fn sigstop(&self) {
+        self.signal("STOP");
+    }
+
+    /// Resumes a worker paused by [`Worker::sigstop`].
+    pub fn sigcont(&self) {
+        self.signal("CONT");
+    }
+
     /// Kills the worker with SIGKILL, as a crash or an OOM kill would, and reaps it.
     pub fn kill9(&mut self) {
         let child = self.child.get_mut().unwrap_or_else(PoisonError::into_inner);
