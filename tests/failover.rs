@@ -374,6 +374,65 @@ fn idle_consumers_with_nothing_pending_are_deleted() {
     assert_eq!(line["consumers"], "renamed-long-ago");
 }
 
+/// The `pending == 0` guard of the idle-consumer clean-up (issue 15 §4): deleting a
+/// consumer deletes its pending entries with it. Here the only way a consumer still holds
+/// one when the clean-up runs, right after a take-over: an entry of a crashed instance
+/// that was deleted from the stream (trimmed) before the take-over, which moves only
+/// entries still there. That consumer must stay.
+#[test]
+fn an_idle_consumer_still_holding_an_entry_is_not_deleted() {
+    let redis = RedisServer::start();
+    let sink = Sink::ok();
+    let mut conn = redis.conn();
+    let ids: Vec<String> = (0..3)
+        .map(|n| publish_ticket(&mut conn, "cs-1", &format!("sale-{n}")))
+        .collect();
+    read_as(&mut conn, "crashed-long-ago");
+    let _: i64 = redis::cmd("XDEL")
+        .arg(STREAM)
+        .arg(&ids[0])
+        .query(&mut conn)
+        .unwrap();
+    thread::sleep(Duration::from_millis(1200)); // idle for longer than the 1 s below
+    let worker = instance(
+        &redis,
+        &sink,
+        "box-a",
+        &[("PAHEKO_PUSH_FORGET_CONSUMERS_AFTER_SECONDS", "1")],
+    );
+    let took = worker.wait_for_msg(
+        "taking over every entry other consumers left pending, before reading anything new",
+        T,
+    );
+    assert_eq!(
+        (took["entries"].as_u64(), took["vanished"].as_u64()),
+        (Some(2), Some(1))
+    );
+    sink.wait_for_accepted(2, T);
+    let consumers: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(STREAM)
+        .arg(GROUP)
+        .query(&mut conn)
+        .unwrap();
+    let names: Vec<String> = consumers
+        .iter()
+        .filter_map(|c| redis::from_redis_value_ref::<String>(&c["name"]).ok())
+        .collect();
+    assert!(
+        names.contains(&"crashed-long-ago".to_owned()),
+        "a consumer holding an entry was deleted with it: {names:?}"
+    );
+    assert!(
+        !worker
+            .log_lines()
+            .iter()
+            .any(|l| l["msg"] == "deleted consumers of the group idle with nothing pending"),
+        "{}",
+        worker.stderr()
+    );
+}
+
 #[test]
 fn chaos_two_instances_kill_whichever_is_active() {
     let redis = RedisServer::start();
