@@ -138,9 +138,18 @@ fn a_backlog_trimmed_while_the_worker_was_stopped_is_counted_exactly() {
     assert_eq!(logged["dead_letter"], record.as_str());
     let (_, h) = wait_for("the loss on /health", T, || {
         let (code, h) = worker.health();
-        (h["lost_to_trim"] == 2000).then_some((code, h))
+        (h["lost_to_trim"] == 2000 && h["trimmed_records"] == 1).then_some((code, h))
     });
     assert_eq!(h["status"], "degraded");
+    // What the alert rules read (deploy/prometheus): the loss counted to the entry, and
+    // not healthy while the record is there (issue 15 §9).
+    let (_, metrics) = worker.get("/metrics");
+    for line in [
+        "paheko_push_events_total{outcome=\"lost_to_trim\"} 2000",
+        "paheko_push_healthy 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
 
     let dead = |args: &[&str]| {
         let mut all = vec!["dead"];
@@ -203,6 +212,19 @@ fn a_backlog_trimmed_while_the_worker_was_stopped_is_counted_exactly() {
         .query(&mut conn)
         .unwrap();
     assert!(members.is_empty(), "{members:?}");
+    // The operator dealt with it: /health is ok again (the counter stays: it counts).
+    let (code, h) = wait_for("/health back to ok after the drop", T, || {
+        let (code, h) = worker.health();
+        (h["trimmed_records"] == 0).then_some((code, h))
+    });
+    assert_eq!((code, h["status"].as_str()), (200, Some("ok")), "{h}");
+    let (_, metrics) = worker.get("/metrics");
+    for line in [
+        "paheko_push_events_total{outcome=\"lost_to_trim\"} 2000",
+        "paheko_push_healthy 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
 }
 
 /// The worker runs while the plugin is down, so the reader is held back (correctly)
