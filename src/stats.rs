@@ -132,8 +132,7 @@ impl Stats {
         } else if !self.redis_up() || self.paheko_refusing.load(Relaxed) != 0 {
             "error"
         } else if self.push_worker() != "ok"
-            // While a `trimmed` record remains, not after `dead drop` (the counter
-            // `lost_to_trim` never goes down, and is what the alert rules read).
+            || self.lost_to_trim.load(Relaxed) > 0
             || self.trimmed_records.load(Relaxed) > 0
             || self.paheko_down_since.load(Relaxed) != 0
             || self.backlog_warning()

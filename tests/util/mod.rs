@@ -38,8 +38,8 @@ pub use lanes::{
 };
 #[allow(unused_imports)]
 pub use redis_server::{
-    RedisServer, group_info, group_lag, pending_count, pending_ids, stream_entries, xadd,
-    xadd_bytes, xlen,
+    REDIS62_VAR, RedisServer, SERVER_VAR, group_info, group_lag, pending_count, pending_ids,
+    redis62_binary, server_binary, server_major, stream_entries, xadd, xadd_bytes, xlen,
 };
 #[allow(unused_imports)]
 pub use sink::{Received, Reply, Sink};
