@@ -49,6 +49,12 @@ impl TestPki {
     /// Like [`generate`](Self::generate), the server certificate valid for `host` (a
     /// DNS name) and `127.0.0.1`.
     pub fn generate_for(host: &str) -> TestPki {
+        TestPki::generate_with_san(&format!("DNS:{host},IP:127.0.0.1"))
+    }
+
+    /// Like [`generate`](Self::generate), the server certificate valid for the names of
+    /// `san` only (an openssl subjectAltName value, e.g. `DNS:paheko.example.org`).
+    pub fn generate_with_san(san: &str) -> TestPki {
         let dir = tempfile::Builder::new()
             .prefix("paheko-pki-")
             .tempdir()
@@ -57,7 +63,7 @@ impl TestPki {
         std::fs::write(
             pki.path("server.ext"),
             format!(
-                "subjectAltName=DNS:{host},IP:127.0.0.1\n\
+                "subjectAltName={san}\n\
                  basicConstraints=critical,CA:FALSE\n\
                  keyUsage=critical,digitalSignature\n\
                  extendedKeyUsage=serverAuth\n"
@@ -95,7 +101,7 @@ impl TestPki {
             "-out",
             "server.csr",
             "-subj",
-            &format!("/CN={host}"),
+            "/CN=paheko-push test server",
         ]);
         pki.openssl(&[
             "x509",
