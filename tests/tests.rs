@@ -22,6 +22,7 @@ mod packaging;
 mod receiver;
 mod resilience;
 mod retries;
+mod shops;
 mod signing;
 mod systemd;
 mod tls;
