@@ -11,6 +11,7 @@ mod configuration;
 mod crash;
 mod dead_letters;
 mod delivery;
+mod dotenv;
 mod failover;
 mod harness;
 mod health_command;
