@@ -407,6 +407,47 @@ fn an_acknowledgement_redis_could_not_take_is_written_after_it_returns() {
     assert_eq!(keys, [id]);
 }
 
+/// The same for a dead letter (issue 15 §13): Redis goes away while the plugin refuses
+/// a ticket; the move cannot be written, is kept, and is written once Redis is back —
+/// once, with its reason, and the ticket is not sent again.
+#[test]
+fn a_dead_letter_redis_could_not_take_is_written_after_it_returns() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let sink = Sink::start(|_| {
+        Reply::status(422)
+            .with_body("unknown account")
+            .after(Duration::from_millis(1500))
+    });
+    let mut conn = redis.conn();
+    let id = publish_ticket(&mut conn, "cs-1", "sale-1");
+    let worker = Worker::spawn(base_env(&redis, &sink));
+    sink.wait_for_count(1, T);
+    redis.stop();
+    let kept = worker.wait_for_msg(
+        "redis did not take acknowledgements: keeping them to write again",
+        T,
+    );
+    assert_eq!(kept["waiting_dead_letters"], 1);
+    redis.restart();
+    let mut conn = redis.conn();
+    wait_until("the dead letter written after the restart", T, || {
+        pending_count(&mut conn, STREAM, GROUP) == 0
+    });
+    let dead = stream_entries(&mut conn, DEAD);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let field = |name: &str| {
+        dead[0]
+            .1
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    };
+    assert_eq!(field("original_id"), Some(id.clone()));
+    assert_eq!(field("reason").as_deref(), Some("rejected"));
+    assert_eq!(field("status").as_deref(), Some("422"));
+    assert_eq!(sink.keys(), [id], "not sent again");
+}
+
 #[test]
 fn a_live_instance_keeps_its_parked_entries_from_the_other() {
     let redis = RedisServer::start();
