@@ -44,7 +44,7 @@ pub use redis_server::{
 #[allow(unused_imports)]
 pub use sink::{Received, Reply, Sink};
 #[allow(unused_imports)]
-pub use worker::{Finished, Worker};
+pub use worker::{Finished, Worker, log_gap, log_time};
 
 /// The plugin secret every test worker is configured with (see [`base_env`]); tests
 /// assert that it is sent, and that it never shows up in logs.
