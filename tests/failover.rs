@@ -467,7 +467,7 @@ fn chaos_two_instances_kill_whichever_is_active() {
         if r.attempt < 3 && h % 5 == 0 {
             Reply::status(503)
         } else {
-            Reply::status(204).after(Duration::from_millis(3))
+            Reply::status(204).after(Duration::from_millis(20))
         }
     });
     let mut conn = redis.conn();
@@ -495,10 +495,22 @@ fn chaos_two_instances_kill_whichever_is_active() {
         }
         let mut ws = workers.lock().unwrap();
         let at = ws.iter().position(|w| role(w) == "active").unwrap();
-        let pending_at_kill = pending_count(&mut conn, STREAM, GROUP);
+        // Killed the first moment a request is at the plugin (within 2 s); it hit one
+        // if that request's entry is still pending after the kill (issue 15 §10).
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut in_flight = sink.in_progress();
+        while in_flight.is_empty() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(1));
+            in_flight = sink.in_progress();
+        }
         ws[at].kill9();
         kills += 1;
-        if pending_at_kill > 0 {
+        let pending: HashSet<String> = pending_ids(&mut conn, STREAM, GROUP).into_iter().collect();
+        let pending_at_kill = pending.len();
+        if in_flight
+            .iter()
+            .any(|r| r.idempotency_key().is_some_and(|k| pending.contains(k)))
+        {
             hits += 1;
         }
         // The other one takes over once the lease expires; only then is the killed one
@@ -523,11 +535,15 @@ fn chaos_two_instances_kill_whichever_is_active() {
         .map(sale_of)
         .collect();
     eprintln!(
-        "chaos, two instances: 400 tickets, {kills} kill -9 of the active one ({hits} with entries pending), {} requests, {duplicates} duplicates, {} lost",
+        "chaos, two instances: 400 tickets, {kills} kill -9 of the active one ({hits} with a request in flight), {} requests, {duplicates} duplicates, {} lost",
         received.len(),
         400 - accepted.len()
     );
     assert_eq!(accepted.len(), 400, "0 lost");
+    assert!(
+        hits * 2 >= kills,
+        "only {hits} of {kills} kills hit a request in flight"
+    );
     assert!(kills >= 2 && hits >= 2, "{kills} kills, {hits} hits");
 }
 

@@ -422,8 +422,28 @@ fn the_reference_receiver_stores_every_event_once_in_order_through_kill_9_and_50
     wait_until("more events stored", T, || {
         receiver.count(|s| s == 200) >= stored_before + 3
     });
-    // Killed again in full flow, between answers and acknowledgements.
+    // Killed again in full flow, between answers and acknowledgements: it must have had
+    // work in hand (issue 15 §10), entries read and not acknowledged; those the receiver
+    // already stored are the repeats it must recognise.
     worker.kill9();
+    let in_hand = pending_ids(&mut conn, STREAM, GROUP);
+    assert!(
+        !in_hand.is_empty(),
+        "the second kill found nothing in flight"
+    );
+    let stored_unacked = receiver
+        .rows()
+        .iter()
+        .filter(|r| {
+            r["idempotency_key"]
+                .as_str()
+                .is_some_and(|k| in_hand.iter().any(|p| p == k))
+        })
+        .count();
+    eprintln!(
+        "second kill: {} entries in hand, {stored_unacked} of them stored by the receiver",
+        in_hand.len()
+    );
     let worker = Worker::spawn(&env);
     wait_until("every event answered 2xx and acknowledged", T, || {
         receiver.count(|s| s == 200) >= published.len()
