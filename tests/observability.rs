@@ -120,6 +120,13 @@ fn health_says_starting_until_redis_was_tried() {
         (503, Some("error"), Some("error")),
         "{h}"
     );
+    let records = worker.log_lines();
+    let failed = worker.wait_for_msg("redis read failed: reconnecting", T);
+    eprintln!(
+        "starting lasted {:?}: {}",
+        log_gap(&records[0], &failed),
+        failed["error"]
+    );
 }
 
 #[test]
