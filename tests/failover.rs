@@ -606,11 +606,15 @@ fn a_holder_paused_past_its_lease_is_fenced_out() {
     slow.wait_for_count(3, T);
     a.sigstop();
     let took = b.wait_for_msg(TOOK_LEASE, T);
+    let fence = Duration::from_millis(took["fence_ms"].as_u64().unwrap_or_default());
+    assert!(fence > Duration::ZERO, "the fence is exercised: {took}");
+    // Its first request waited the fence, by its own clock and the plugin's.
+    let first = quick.wait_for_count(1, T)[0].at_wall;
+    let waited = first.duration_since(log_time(&took)).unwrap_or_default();
     assert!(
-        took["fence_ms"].as_u64().is_some_and(|f| f > 0),
-        "the fence is exercised: {took}"
+        waited + Duration::from_millis(5) >= fence,
+        "box-b sent {waited:?} after taking the lease, fence {fence:?}"
     );
-    quick.wait_for_count(1, T);
     a.sigcont();
     a.wait_for_log("box-a steps down once resumed", T, |l| {
         l["msg"]

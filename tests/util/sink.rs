@@ -37,6 +37,9 @@ const PUSH_PATH: &str = "/paheko/push";
 pub struct Received {
     /// When the request (headers and body) had been read.
     pub at: Instant,
+    /// The same moment on the wall clock, to compare with the worker's log times
+    /// (`util::log_time`).
+    pub at_wall: std::time::SystemTime,
     pub method: String,
     /// The request target, query string included.
     pub path: String,
@@ -391,6 +394,7 @@ impl Shared {
             .collect();
         let (index, received) = self.record(Received {
             at: Instant::now(),
+            at_wall: std::time::SystemTime::now(),
             method: request.method().as_str().to_owned(),
             path: request.url().to_owned(),
             headers,

@@ -322,6 +322,7 @@ impl Shared {
             }
             let index = self.record(Received {
                 at: Instant::now(),
+                at_wall: std::time::SystemTime::now(),
                 method,
                 path,
                 headers,
