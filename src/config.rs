@@ -670,7 +670,10 @@ impl Config {
                 ));
             }
         };
-        let dead_letter_stream = text(raw.paheko_push_dead_letter_stream, &format!("{stream}:dead"));
+        let dead_letter_stream = text(
+            raw.paheko_push_dead_letter_stream,
+            &format!("{stream}:dead"),
+        );
         if dead_letter_stream == stream {
             // A dead letter would be read back as a new ticket, refused again, and so on
             // (one ticket sent 667 times in 5 s: issue 13, 12).
@@ -903,7 +906,9 @@ fn statuses(var: &str, value: Option<String>) -> Result<Vec<u16>, ConfigError> {
             var,
             format!(
                 "lists no status (got {v:?}); leave it unset for the default {}",
-                crate::retry::DEAD_LETTER_STATUSES.map(|s| s.to_string()).join(",")
+                crate::retry::DEAD_LETTER_STATUSES
+                    .map(|s| s.to_string())
+                    .join(",")
             ),
         ));
     }

@@ -19,8 +19,12 @@ pub fn document(s: &Stats) -> (u16, serde_json::Value) {
     let last = s.last_success_at.load(Relaxed);
     let doc = json!({
         "status": status,
-        "role": if s.active.load(Relaxed) { "active" } else { "standby" },
-        "redis": if s.redis_up() { "ok" } else { "error" },
+        "role": match (s.starting(), s.active.load(Relaxed)) {
+            (true, _) => "starting",
+            (false, true) => "active",
+            (false, false) => "standby",
+        },
+        "redis": s.redis(),
         "push_worker": s.push_worker(),
         "last_success_at": if last == 0 { None } else { Some(last) },
         "pending": s.pending.load(Relaxed),
@@ -44,7 +48,14 @@ pub fn document(s: &Stats) -> (u16, serde_json::Value) {
         "held_sessions": s.held_sessions.load(Relaxed),
         "version": env!("CARGO_PKG_VERSION"),
     });
-    (if status == "error" { 503 } else { 200 }, doc)
+    // Starting is not healthy yet (a healthcheck must not pass before Redis was
+    // reached), but it is not an outage either: the document says which.
+    let code = if matches!(status, "error" | "starting") {
+        503
+    } else {
+        200
+    };
+    (code, doc)
 }
 
 /// The running health server; [`Server::stop`] ends its thread.
@@ -134,6 +145,33 @@ mod tests {
         let (_, doc) = document(&s);
         assert_eq!(doc["push_worker"], "ok");
         assert!(doc["last_success_at"].as_u64().unwrap() > 1_700_000_000);
+    }
+
+    #[test]
+    fn before_redis_is_tried_it_is_starting_not_an_error() {
+        let s = Stats::default();
+        s.configured.store(true, Relaxed);
+        let (code, doc) = document(&s);
+        assert_eq!(
+            (
+                code,
+                doc["status"].as_str(),
+                doc["redis"].as_str(),
+                doc["role"].as_str()
+            ),
+            (503, Some("starting"), Some("starting"), Some("starting"))
+        );
+        s.set_redis_ok(false);
+        let (code, doc) = document(&s);
+        assert_eq!(
+            (
+                code,
+                doc["status"].as_str(),
+                doc["redis"].as_str(),
+                doc["role"].as_str()
+            ),
+            (503, Some("error"), Some("error"), Some("standby"))
+        );
     }
 
     #[test]

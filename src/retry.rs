@@ -462,4 +462,24 @@ mod tests {
         assert_eq!(t.alone_rounds, 1);
         assert_eq!(fail_rounds(&mut t, 2, 1, 1).last(), Some(&Next::GiveUp));
     }
+
+    /// The log names what to fix for each plugin-wide refusal (killed `cargo mutants`
+    /// survivors: each arm removed, or the text replaced, went unnoticed).
+    #[test]
+    fn each_refusal_names_what_to_fix() {
+        for (status, names) in [
+            (401, "PAHEKO_PLUGIN_SECRET"),
+            (403, "PAHEKO_PLUGIN_SECRET"),
+            (404, "PAHEKO_PLUGIN_URL is wrong"),
+            (405, "does not take POST"),
+            (400, "refuses every ticket"),
+            (418, "refuses every ticket"),
+        ] {
+            assert!(
+                refusal_meaning(status).contains(names),
+                "{status}: {}",
+                refusal_meaning(status)
+            );
+        }
+    }
 }

@@ -15,6 +15,9 @@ pub struct Stats {
     pub active: AtomicBool,
     /// The reader's connection answered its last command.
     pub redis_ok: AtomicBool,
+    /// The worker has tried Redis at least once (answered or not): until then /health
+    /// says `starting`, not a Redis outage nobody has seen (issue 15).
+    pub redis_tried: AtomicBool,
     /// The acker's last acknowledgement or dead letter failed, and is waiting to be
     /// written again. Kept apart from `redis_ok` so the two connections do not
     /// overwrite each other's view (/health's `redis` flapped between ok and error).
@@ -74,6 +77,23 @@ impl Stats {
 
     pub fn set_redis_ok(&self, ok: bool) {
         self.redis_ok.store(ok, Relaxed);
+        self.redis_tried.store(true, Relaxed);
+    }
+
+    /// Whether the worker is still starting: it has not tried Redis yet.
+    pub fn starting(&self) -> bool {
+        !self.redis_tried.load(Relaxed)
+    }
+
+    /// `redis` of /health: `starting` before the first attempt, then `ok` or `error`.
+    pub fn redis(&self) -> &'static str {
+        if self.starting() {
+            "starting"
+        } else if self.redis_up() {
+            "ok"
+        } else {
+            "error"
+        }
     }
 
     /// Whether Redis answers both the reader and the acker.
@@ -107,12 +127,14 @@ impl Stats {
         }
     }
 
-    /// The overall `status` of /health: error (Redis unreachable, or a refusing plugin,
-    /// which will not heal by itself: someone must fix the secret or the URL),
-    /// degraded (it delivers, or will once Paheko is back, but something needs a look),
-    /// or ok.
+    /// The overall `status` of /health: starting (Redis not tried yet, so nothing is
+    /// known), error (Redis unreachable, or a refusing plugin, which will not heal by
+    /// itself: someone must fix the secret or the URL), degraded (it delivers, or will
+    /// once Paheko is back, but something needs a look), or ok.
     pub fn status(&self) -> &'static str {
-        if !self.redis_up() || self.paheko_refusing.load(Relaxed) != 0 {
+        if self.starting() {
+            "starting"
+        } else if !self.redis_up() || self.paheko_refusing.load(Relaxed) != 0 {
             "error"
         } else if self.push_worker() != "ok"
             || self.lost_to_trim.load(Relaxed) > 0

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use super::packaging::{need, output};
+use super::packaging::output;
 use super::util::*;
 
 const T: Duration = Duration::from_secs(20);
@@ -107,4 +107,39 @@ fn every_metric_an_alert_names_is_exported_by_a_running_worker() {
         missing.is_empty(),
         "the alert rules name metrics the worker does not export: {missing:?}\nexported: {exported:?}"
     );
+    // A selector too (`events_total{outcome="lost_to_trim"}`): a series with those labels
+    // must exist, or the alert watches nothing (issue 15 §9).
+    for (name, labels) in selectors_in_rules() {
+        assert!(
+            metrics.lines().any(|l| l
+                .strip_prefix(&name)
+                .and_then(|rest| rest.strip_prefix('{'))
+                .is_some_and(|rest| labels.iter().all(|label| rest.contains(label.as_str())))),
+            "no series {name}{{{}}} in:\n{metrics}",
+            labels.join(",")
+        );
+    }
+}
+
+/// Every `paheko_push_…{label="value",…}` selector in the rules' expressions, as the
+/// metric name and its `label="value"` matchers.
+fn selectors_in_rules() -> Vec<(String, Vec<String>)> {
+    let rules = std::fs::read_to_string(Path::new(DIR).join(RULES)).unwrap();
+    let mut found = Vec::new();
+    for line in rules.lines().filter(|l| l.trim().starts_with("expr:")) {
+        let mut rest = line;
+        while let Some(at) = rest.find("paheko_push_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            if let Some(inner) = rest.strip_prefix('{').and_then(|r| r.split_once('}')) {
+                let labels = inner.0.split(',').map(|m| m.trim().to_owned()).collect();
+                found.push((name, labels));
+            }
+        }
+    }
+    assert!(found.len() >= 2, "selectors in the rules: {found:?}");
+    found
 }

@@ -1,5 +1,6 @@
 //! Unusual answers from the plugin (issue 8 §7): a 2xx whose headers are large is still
-//! a 2xx, and one past the worker's bound is reported naming that bound.
+//! a 2xx, and one past the worker's bound is reported naming that bound; a redirect is
+//! not followed (issue 15 §6).
 
 use std::time::Duration;
 
@@ -54,4 +55,35 @@ fn headers_past_the_bound_are_reported_naming_it_and_the_ticket_stays_pending() 
     );
     assert_eq!(pending_count(&mut conn, STREAM, GROUP), 1);
     assert_eq!(xlen(&mut conn, DEAD), 0);
+}
+
+/// A redirect is not followed (issue 15 §6): the request carries the plugin secret, and
+/// a POST sent on to wherever `Location` points would take it along. The second server
+/// here records what would have arrived; it must get nothing. The ticket is retried
+/// at the plugin's own URL and delivered once the plugin answers 2xx.
+#[test]
+fn a_redirect_is_not_followed_and_the_secret_goes_nowhere_else() {
+    let redis = RedisServer::start();
+    let elsewhere = Sink::ok();
+    let target = elsewhere.url();
+    let sink = Sink::start(move |r| match r.attempt {
+        1 => Reply::status(302).with_header("Location", target.as_str()),
+        2 => Reply::status(307).with_header("Location", target.as_str()),
+        _ => Reply::status(204),
+    });
+    let mut conn = redis.conn();
+    publish_ticket(&mut conn, "cs-1", "sale-1");
+    let _worker = Worker::spawn(base_env(&redis, &sink));
+    let received = settle(&sink, &mut conn, T);
+    let leaked: Vec<Option<String>> = elsewhere
+        .received()
+        .iter()
+        .map(|r| r.header("x-paheko-secret").map(str::to_owned))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "the redirect was followed, secret headers sent: {leaked:?}"
+    );
+    let statuses: Vec<Option<u16>> = received.iter().map(|r| r.answered).collect();
+    assert_eq!(statuses, [Some(302), Some(307), Some(204)]);
 }

@@ -40,15 +40,18 @@ fn kill_9_while_the_plugin_answers_is_not_an_acceptance_and_the_ticket_is_sent_a
     );
 
     let _again = Worker::spawn(&env);
-    wait_until("acknowledged after the restart", T, || {
-        pending_count(&mut conn, STREAM, GROUP) == 0
-    });
-    assert_eq!(sink.keys(), [id.clone(), id.clone()]);
-    assert_eq!(
-        sink.accepted_keys(),
-        [id],
-        "accepted once, on the second try"
-    );
+    let received = settle(&sink, &mut conn, T);
+    let keys: Vec<&str> = received
+        .iter()
+        .filter_map(Received::idempotency_key)
+        .collect();
+    assert_eq!(keys, [id.as_str(), id.as_str()]);
+    let accepted: Vec<&str> = received
+        .iter()
+        .filter(|r| r.accepted())
+        .filter_map(Received::idempotency_key)
+        .collect();
+    assert_eq!(accepted, [id.as_str()], "accepted once, on the second try");
 }
 
 /// The window between the plugin's 2xx and the XACK: writes to Redis are paused (CLIENT
@@ -80,7 +83,13 @@ fn kill_9_between_the_2xx_and_the_xack_sends_the_same_key_again_then_acks() {
     worker.wait_for_log("the worker got the 2xx", T, |l| {
         l["msg"] == "delivered" && l["correlation_id"] == id.as_str()
     });
-    assert_eq!(sink.accepted_keys(), std::slice::from_ref(&id));
+    let answered: Vec<String> = sink
+        .wait_settled(T)
+        .iter()
+        .filter(|r| r.accepted())
+        .filter_map(|r| r.idempotency_key().map(str::to_owned))
+        .collect();
+    assert_eq!(answered, std::slice::from_ref(&id));
     worker.kill9();
     let _: () = redis::cmd("CLIENT")
         .arg("UNPAUSE")
@@ -93,10 +102,7 @@ fn kill_9_between_the_2xx_and_the_xack_sends_the_same_key_again_then_acks() {
     );
 
     let again = Worker::spawn(&env);
-    wait_until("acknowledged after the restart", T, || {
-        pending_count(&mut conn, STREAM, GROUP) == 0
-    });
-    let received = sink.received();
+    let received = settle(&sink, &mut conn, T);
     let keys: Vec<(&str, u32, bool)> = received
         .iter()
         .map(|r| (r.idempotency_key().unwrap(), r.attempt, r.accepted()))
@@ -152,26 +158,18 @@ fn redis_killed_mid_run_with_aof_everysec_loses_nothing() {
     );
     redis.restart();
     let mut conn = redis.conn();
-    wait_until("everything acknowledged after the restart", T, || {
-        pending_count(&mut conn, STREAM, GROUP) == 0 && worker.health().1["lag"] == 0
-    });
-    let accepted: std::collections::HashSet<String> = sink.accepted_keys().into_iter().collect();
-    let lost: Vec<&String> = ids.iter().filter(|id| !accepted.contains(*id)).collect();
+    let received = settle_when(
+        &sink,
+        "everything acknowledged after the restart",
+        T,
+        || pending_count(&mut conn, STREAM, GROUP) == 0 && worker.health().1["lag"] == 0,
+    );
+    let report = assert_order_by_answers(&received, session_of, &[]);
+    let lost: Vec<&String> = ids
+        .iter()
+        .filter(|id| !report.accepted.contains(*id))
+        .collect();
     assert!(lost.is_empty(), "never accepted: {lost:?}");
-    // Per session, the first acceptance of each ticket in publication order.
-    for session in ["cs-0", "cs-1", "cs-2"] {
-        let mut seen = std::collections::HashSet::new();
-        let order: Vec<String> = sink
-            .accepted()
-            .iter()
-            .filter(|r| r.json()["cash_session_id"] == session)
-            .filter(|r| seen.insert(r.idempotency_key().unwrap().to_owned()))
-            .map(sale_of)
-            .collect();
-        let mut sorted = order.clone();
-        sorted.sort();
-        assert_eq!(order, sorted, "{session} out of order");
-    }
     assert_eq!(xlen(&mut conn, DEAD), 0);
 }
 

@@ -216,3 +216,26 @@ fn wait_until_times_out_naming_what_it_waited_for() {
     });
     assert_eq!(got, 30);
 }
+
+/// The worker's log times are read right: a record's `ts` is within a second of the
+/// wall clock when it was read (the worker and the test share the clock).
+#[test]
+fn log_times_are_read_as_utc() {
+    let redis = RedisServer::start();
+    let sink = Sink::ok();
+    let worker = Worker::spawn(base_env(&redis, &sink));
+    let before = std::time::SystemTime::now() - Duration::from_secs(1);
+    let line = worker.wait_for_msg("health server listening", Duration::from_secs(10));
+    let after = std::time::SystemTime::now() + Duration::from_secs(1);
+    let at = log_time(&line);
+    assert!(
+        before - Duration::from_secs(10) <= at && at <= after,
+        "{line}"
+    );
+    assert_eq!(
+        log_time(&serde_json::json!({"ts": "2026-03-01T00:00:01.250Z"}))
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap(),
+        Duration::from_millis(1_772_323_201_250)
+    );
+}

@@ -2,7 +2,7 @@
 //! flight and exits 0, and a restart takes back its own pending entries first.
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::util::*;
 
@@ -50,9 +50,7 @@ fn kill_9_at_any_moment_loses_nothing() {
     }
     assert!(hits > 0, "no kill hit a request in flight");
     let _last = Worker::spawn(&env);
-    wait_until("everything acknowledged after the last start", T, || {
-        pending_count(&mut conn, STREAM, GROUP) == 0
-    });
+    settle(&sink, &mut conn, T);
     let delivered: HashSet<String> = sink.accepted_keys().into_iter().collect();
     let missing: Vec<&String> = ids.iter().filter(|id| !delivered.contains(*id)).collect();
     assert!(
@@ -77,11 +75,10 @@ fn sigterm_finishes_the_requests_in_flight_acks_them_and_exits_0() {
     let env = env_with(base_env(&redis, &sink), [("PAHEKO_PUSH_CONCURRENCY", "2")]);
     let mut worker = Worker::spawn(&env);
     sink.wait_for_count(2, T);
-    let asked = Instant::now();
     worker.sigterm();
     let status = worker.wait_exit(Duration::from_secs(15));
-    let took = asked.elapsed();
     assert_eq!(status.code(), Some(0), "{}", worker.stderr());
+    let took = stop_time(&worker);
     // The two requests in flight were answered after 1.5 s; the reader's BLOCK is 2 s.
     assert!(took < Duration::from_secs(5), "stopping took {took:?}");
     assert_eq!(sink.count(), 2, "nothing new is sent once the stop began");
@@ -128,14 +125,10 @@ fn sigint_also_stops_cleanly_while_a_retry_is_waiting() {
     );
     let mut worker = Worker::spawn(&env);
     worker.wait_for_msg("delivery failed, will retry", T);
-    let asked = Instant::now();
     worker.sigint();
     assert_eq!(worker.wait_exit(Duration::from_secs(15)).code(), Some(0));
-    assert!(
-        asked.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        asked.elapsed()
-    );
+    let took = stop_time(&worker);
+    assert!(took < Duration::from_secs(5), "{took:?}");
     assert_eq!(
         pending_count(&mut conn, STREAM, GROUP),
         1,
@@ -166,7 +159,22 @@ fn a_restart_takes_back_its_own_pending_entries_first_in_order() {
         .chain([new.as_str()])
         .collect();
     assert_eq!(order, expected);
-    wait_until("acknowledged", T, || {
-        pending_count(&mut conn, STREAM, GROUP) == 0
-    });
+    // And each sent only once the one before was answered (one session).
+    let received = settle(&sink, &mut conn, T);
+    assert_order_by_answers(&received, session_of, &[]);
+}
+
+/// From the worker's own records: the stop signal received to "stopped".
+fn stop_time(worker: &Worker) -> Duration {
+    let records = worker.log_lines();
+    let find = |msg: &str| {
+        records
+            .iter()
+            .find(|l| l["msg"] == msg)
+            .unwrap_or_else(|| panic!("no {msg:?} in\n{}", worker.stderr()))
+    };
+    log_gap(
+        find("stop signal received: finishing the requests in flight"),
+        find("stopped"),
+    )
 }

@@ -17,7 +17,11 @@ fn health_follows_paheko_and_redis() {
     let mut conn = redis.conn();
     let worker = Worker::spawn(base_env(&redis, &sink));
 
-    let (code, h) = worker.health();
+    // Right after the start it may still say `starting` (see the next test).
+    let (code, h) = wait_for("/health past starting", T, || {
+        let (code, h) = worker.health();
+        (h["status"] != "starting").then_some((code, h))
+    });
     assert_eq!(
         (code, h["status"].as_str(), h["push_worker"].as_str()),
         (200, Some("ok"), Some("ok"))
@@ -65,6 +69,64 @@ fn health_follows_paheko_and_redis() {
     });
     assert_eq!((code, h["status"].as_str()), (503, Some("error")));
     assert_eq!(worker.get("/nope").0, 404);
+}
+
+/// Before the worker has heard from Redis, /health says `starting` (503: not healthy
+/// yet), not `error`: a probe polling at start must not see an outage nobody has seen.
+/// The "Redis" here accepts connections and never answers, so the first attempt lasts
+/// the connection timeout (5 s); once it fails, /health says `error`.
+#[test]
+fn health_says_starting_until_redis_was_tried() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let held = Arc::clone(&held);
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                held.lock().unwrap().push(conn);
+            }
+        });
+    }
+    let sink = Sink::ok();
+    let env = env_with(
+        base_env(&RedisServer::start(), &sink),
+        [("REDIS_URL", format!("redis+unix://{}", socket.display()))],
+    );
+    let worker = Worker::spawn(env);
+    wait_until("the worker connected to the silent Redis", T, || {
+        !held.lock().unwrap().is_empty()
+    });
+    let (code, h) = worker.health();
+    assert_eq!(
+        (
+            code,
+            h["status"].as_str(),
+            h["redis"].as_str(),
+            h["role"].as_str()
+        ),
+        (503, Some("starting"), Some("starting"), Some("starting")),
+        "{h}"
+    );
+    let (_, metrics) = worker.get("/metrics");
+    assert!(metrics.contains("\npaheko_push_healthy 0\n"), "{metrics}");
+    let (code, h) = wait_for("/health past starting", T, || {
+        let (code, h) = worker.health();
+        (h["status"] != "starting").then_some((code, h))
+    });
+    assert_eq!(
+        (code, h["status"].as_str(), h["redis"].as_str()),
+        (503, Some("error"), Some("error")),
+        "{h}"
+    );
+    let records = worker.log_lines();
+    let failed = worker.wait_for_msg("redis read failed: reconnecting", T);
+    eprintln!(
+        "starting lasted {:?}: {}",
+        log_gap(&records[0], &failed),
+        failed["error"]
+    );
 }
 
 #[test]

@@ -464,3 +464,30 @@ fn a_stuck_acker_stops_the_watchdog_pings() {
     worker.sigterm();
     assert!(worker.wait_exit(T).success());
 }
+
+/// A standby is ready too (issue 15 §13): READY=1 once Redis answers, although another
+/// instance holds the lease, or systemd would count its start as failed (TimeoutStartSec)
+/// and kill it. It stays a standby meanwhile.
+#[test]
+fn a_standby_says_ready() {
+    let notify = NotifySocket::bind();
+    let redis = RedisServer::start();
+    let sink = Sink::ok();
+    let active = Worker::spawn(env_with(
+        base_env(&redis, &sink),
+        [("PAHEKO_PUSH_CONSUMER", "box-a")],
+    ));
+    wait_until("box-a active", T, || active.health().1["role"] == "active");
+    let standby = Worker::spawn(env_with(
+        base_env(&redis, &sink),
+        [
+            ("PAHEKO_PUSH_CONSUMER", "box-b"),
+            ("NOTIFY_SOCKET", notify.path()),
+        ],
+    ));
+    wait_until("READY=1 from the standby", T, || {
+        notify.count("READY=1") == 1
+    });
+    assert_eq!(standby.health().1["role"], "standby");
+    assert_eq!(active.health().1["role"], "active");
+}

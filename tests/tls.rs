@@ -202,3 +202,40 @@ fn redis_over_tls_without_its_ca_is_refused_and_retried() {
         worker.stderr()
     );
 }
+
+/// A certificate from the trusted CA but for another name (issue 15 §13): the worker
+/// checks the name too, refuses the handshake, says why, and posts nothing. The same
+/// setup with the name in the certificate delivers (so the refusal is the name's).
+#[test]
+fn a_certificate_for_another_name_is_refused_even_from_a_trusted_ca() {
+    for (san, delivers) in [("DNS:paheko.example.org", false), ("DNS:localhost", true)] {
+        let pki = TestPki::generate_with_san(san);
+        let plugin = TlsSink::start(&pki);
+        let redis = RedisServer::start();
+        let mut conn = redis.conn();
+        publish_ticket(&mut conn, "cs-1", "sale-1");
+        let ca = pki.ca_pem();
+        let worker = Worker::spawn(env_with(
+            https_env(&redis, &plugin.url_for("localhost")),
+            [("PAHEKO_PLUGIN_CA_FILE", ca.to_str().unwrap())],
+        ));
+        if delivers {
+            plugin.wait_for_count(1, T);
+            continue;
+        }
+        let line = worker.wait_for_log("a failed delivery", T, |l| {
+            l["msg"] == "delivery failed, will retry"
+        });
+        let error = line["error"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            error.contains("not valid for the host name of PAHEKO_PLUGIN_URL"),
+            "{line}"
+        );
+        wait_until("the sink saw the refused handshake", T, || {
+            !plugin.tls_errors().is_empty()
+        });
+        assert_eq!(plugin.handshakes(), 0);
+        assert!(plugin.received().is_empty(), "nothing may be posted");
+        assert_eq!(pending_count(&mut conn, STREAM, GROUP), 1);
+    }
+}

@@ -22,6 +22,7 @@
 // Not every helper is used by every test (or by any test yet).
 #![allow(dead_code)]
 
+mod lanes;
 mod paheko;
 mod redis_server;
 mod sink;
@@ -32,16 +33,21 @@ use std::time::{Duration, Instant};
 
 // Re-exported whole; the tests use different subsets.
 #[allow(unused_imports)]
+pub use lanes::{
+    OrderReport, all_read, assert_one_in_flight_per_lane, assert_order_by_answers,
+    dead_lettered_ids, session_of, settle, settle_when,
+};
+#[allow(unused_imports)]
 pub use paheko::{Entry, EntryLine, Paheko, PahekoOptions, euros_to_cents, quote, skip_paheko};
 #[allow(unused_imports)]
 pub use redis_server::{
-    RedisServer, group_info, group_lag, pending_count, pending_ids, stream_entries, xadd,
-    xadd_bytes, xlen,
+    REDIS62_VAR, RedisServer, SERVER_VAR, group_info, group_lag, pending_count, pending_ids,
+    redis62_binary, server_binary, server_major, stream_entries, xadd, xadd_bytes, xlen,
 };
 #[allow(unused_imports)]
 pub use sink::{Received, Reply, Sink};
 #[allow(unused_imports)]
-pub use worker::{Finished, Worker};
+pub use worker::{Finished, Worker, log_gap, log_time};
 
 /// The plugin secret every test worker is configured with (see [`base_env`]); tests
 /// assert that it is sent, and that it never shows up in logs.
@@ -272,33 +278,76 @@ pub fn is_distinctive(secret: &str) -> bool {
 }
 
 /// Whether CI is running the tests (`CI` set, and not empty, `0` or `false`), as on the
-/// project's CI, where `scripts/test` installs every tool a test needs.
+/// project's CI (`.ci/run` exports `CI=true`), where `scripts/test` installs every tool a
+/// test needs. The one place that decides it (issue 15 §11).
 pub fn under_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"))
 }
 
-/// Whether `tool` runs (`tool --version` succeeds). When it does not, a test skips the
-/// part that needs it, saying so loudly, except under CI ([`under_ci`]), where a
-/// missing tool fails the test: skipped means failed there, since `scripts/test`
-/// installs the tool (`install`, the `scripts/lib.sh` function that does it).
+/// Where [`skip`] lists the checks that did not run, one line each, for `scripts/test`
+/// to count in its summary (it empties the file first).
+pub const SKIPPED_LIST: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/skipped");
+
+/// Says that a check did not run, loudly, and records it in [`SKIPPED_LIST`]; under CI
+/// ([`under_ci`]) it fails the test instead, with the reason: skipped means failed
+/// there. A test that skips returns early and libtest reports it "ok", so the SKIPPED
+/// line on stderr (not captured) and the list are what tell.
+pub fn skip(what: &str) {
+    let test = std::thread::current().name().unwrap_or("a test").to_owned();
+    assert!(
+        !under_ci(),
+        "under CI nothing may be skipped ({test}): {what}"
+    );
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n!!!!!!!! SKIPPED {test}: {what} !!!!!!!!\n"
+    );
+    if let Ok(mut list) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(SKIPPED_LIST)
+    {
+        let _ = writeln!(list, "{test}: {what}");
+    }
+}
+
+/// Whether `tool` runs (`tool --version` succeeds). When it does not, the test skips
+/// the part that needs it ([`skip`]: loud, counted, a failure under CI, where
+/// `scripts/test` installs the tool with `install`, a `scripts/lib.sh` function).
 pub fn have_tool(tool: &str, skipped: &str, install: &str) -> bool {
     let runs = std::process::Command::new(tool)
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
     if !runs {
-        assert!(
-            !under_ci(),
-            "{tool} is missing under CI: scripts/test installs it ({install} in scripts/lib.sh); \
-             not checked: {skipped}"
-        );
-        // Straight to stderr: libtest captures eprintln! of a passing test.
-        use std::io::Write as _;
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n!!!!!!!! SKIPPED: {tool} is not installed, so NOT checked: {skipped}. Run \
-             scripts/test ({install} installs it). Under CI=true this fails. !!!!!!!!\n"
-        );
+        skip(&format!(
+            "{tool} is not installed, so NOT checked: {skipped} (scripts/test installs it: \
+             {install} in scripts/lib.sh)"
+        ));
     }
     runs
+}
+
+/// The absolute path of `command` on PATH (children here get no PATH of their own).
+pub fn which(command: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain([
+            std::path::PathBuf::from("/usr/sbin"),
+            std::path::PathBuf::from("/sbin"),
+        ])
+        .map(|dir| dir.join(command))
+        .find(|p| p.is_file())
+}
+
+/// `command`'s path, or `None` after [`skip`] (scripts/test installs it from `package`).
+pub fn need(command: &str, package: &str) -> Option<std::path::PathBuf> {
+    let found = which(command);
+    if found.is_none() {
+        skip(&format!(
+            "{command} is not installed (scripts/test installs the {package} package)"
+        ));
+    }
+    found
 }

