@@ -211,6 +211,9 @@ impl Acker {
                 id: dead.id,
                 outcome: moved.into(),
             }),
+            Write::Touch { ids } => {
+                store::touch(&mut self.redis, &self.names, &ids).map(|()| WriteReply::Touched)
+            }
             Write::Trimmed { id, lease_value } => store::record_vanished(
                 &mut self.redis,
                 &self.names,

@@ -254,6 +254,7 @@ pub fn run(config: Config) -> Result<(), Error> {
                 max_held: budget::MAX_HELD,
                 max_held_bytes: budget::MAX_HELD_BYTES,
                 read_count: reader::COUNT,
+                claim_idle: config.claim_idle,
                 seed: retry::Rng::from_entropy().next_u64(),
                 #[cfg(test)]
                 bugs: Default::default(),

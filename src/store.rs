@@ -733,6 +733,41 @@ redis.call('XACK', stream, group, id)
 return 1
 "#;
 
+/// Resets the idle time of entries this worker holds (XCLAIM … JUSTID, which leaves
+/// their delivery count alone), so that no other program's XAUTOCLAIM takes over an
+/// entry in flight or parked here. Only entries still in the stream are touched: XCLAIM
+/// on one the producer's MAXLEN trimmed drops it from the pending list unseen (Redis 7),
+/// and then its dead letter found it "no longer pending" (issue 13, 10). Those held here
+/// are delivered or dead-lettered from memory as usual.
+static TOUCH: LazyLock<Script> = LazyLock::new(|| Script::new(TOUCH_LUA));
+
+const TOUCH_LUA: &str = r#"
+local claim = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+for i = 3, #ARGV do
+  if #redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i]) == 1 then
+    claim[#claim + 1] = ARGV[i]
+  end
+end
+if #claim == 5 then return 0 end
+claim[#claim + 1] = 'JUSTID'
+return #redis.call(unpack(claim))
+"#;
+
+/// See [`TOUCH`].
+pub fn touch(redis: &mut Redis, names: &Names, ids: &[StreamId]) -> Result<(), RedisError> {
+    for chunk in ids.chunks(512) {
+        let mut call = TOUCH.prepare_invoke();
+        call.key(&names.stream)
+            .arg(&names.group)
+            .arg(&names.consumer);
+        for id in chunk {
+            call.arg(id.to_string());
+        }
+        redis.invoke::<i64>(&call)?;
+    }
+    Ok(())
+}
+
 /// The set of entry IDs recorded as vanished ([`record_vanished`]).
 pub fn vanished_key(dead_letters: &str) -> String {
     format!("{dead_letters}:vanished")

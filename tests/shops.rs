@@ -126,6 +126,7 @@ fn two_shops_on_one_redis_share_nothing() {
                 s.dead(),
                 format!("{}:trimmed", s.dead()),
                 format!("{}:{}:active", s.stream, s.group),
+                format!("{}:{}:tenure", s.stream, s.group),
                 format!("{}:read:{}", s.stream, s.group),
             ]
         })

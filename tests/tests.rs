@@ -8,6 +8,7 @@ mod alerts;
 mod answers;
 mod chaos;
 mod configuration;
+mod coordinator;
 mod crash;
 mod dead_letters;
 mod delivery;

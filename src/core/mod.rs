@@ -67,6 +67,8 @@ pub struct Settings {
     pub max_held_bytes: usize,
     /// Entries per read.
     pub read_count: usize,
+    /// Held entries are touched a third of this apart ([`Write::Touch`]).
+    pub claim_idle: Duration,
     /// Seeds the jitter.
     pub seed: u64,
     /// Bugs of v0.2 put back, for the simulation to show it finds them (issue 13).
@@ -220,6 +222,7 @@ pub enum WriteReply {
         id: StreamId,
         outcome: Moved,
     },
+    Touched,
     Failed {
         error: String,
     },
@@ -329,6 +332,8 @@ pub enum Write {
     /// A held entry that vanished from the stream (trimmed while pending): one
     /// `trimmed` record (count 1, its ID), then its acknowledgement.
     Trimmed { id: StreamId, lease_value: String },
+    /// Reset the idle time of the entries held, so no other program takes them over.
+    Touch { ids: Vec<StreamId> },
 }
 
 /// Counters the driver copies into [`crate::stats::Stats`].
@@ -419,6 +424,8 @@ pub struct Core {
     read_retry_at: Option<Instant>,
     housekeeping_at: Option<Instant>,
     forget_at: Option<Instant>,
+    /// When the held entries' idle time is next reset: only while something is held.
+    touch_at: Option<Instant>,
     /// The largest entry seen, in bytes: bounds a read by the bytes left.
     largest: usize,
     /// A shed lane ran dry: scan the pending list once the current phase allows.
@@ -467,6 +474,7 @@ impl Core {
             read_retry_at: None,
             housekeeping_at: None,
             forget_at: None,
+            touch_at: None,
             largest: 0,
             rescan: false,
             stopping_since: None,
@@ -526,6 +534,9 @@ impl Core {
                 timers.push(Some(*fence_until));
             }
             _ => {}
+        }
+        if active {
+            timers.push(self.touch_at);
         }
         if active && !stopping {
             timers.push(self.lanes.next_due());
@@ -835,6 +846,7 @@ impl Core {
         self.reading = None;
         self.read_failures = 0;
         self.read_retry_at = None;
+        self.touch_at = None;
         // Undecided dead letters stay pending for whoever holds the lease next.
         self.to_settle.clear();
         #[cfg(test)]
@@ -1519,6 +1531,7 @@ impl Core {
         if self.writing.is_some() || self.write_retry_at.is_some_and(|t| t > now) {
             return;
         }
+        let touch_due = self.tenure != 0 && self.touch_at.is_some_and(|t| t <= now);
         let write = if !self.to_ack.is_empty() {
             Write::Ack {
                 ids: self.to_ack.clone(),
@@ -1526,6 +1539,13 @@ impl Core {
             }
         } else if let Some(settling) = self.to_settle.front() {
             settling.write.clone()
+        } else if touch_due {
+            self.touch_at = None;
+            let ids: Vec<StreamId> = self.lanes.held_ids().collect();
+            if ids.is_empty() {
+                return;
+            }
+            Write::Touch { ids }
         } else {
             return;
         };
@@ -1549,6 +1569,7 @@ impl Core {
                     waiting_dead_letters = self.to_settle.len(), retry_in_ms = delay.as_millis() as u64;
                     "redis did not take acknowledgements: keeping them to write again");
             }
+            WriteReply::Touched => {}
             WriteReply::Acked { ids, held } => {
                 if self.write_failures > 0 {
                     log::info!("redis takes acknowledgements again");
@@ -1644,6 +1665,11 @@ impl Core {
         }
         self.dispatch(now);
         self.plan_read(now);
+        // The touch timer runs only while something is held, so an idle worker does
+        // not wake for it.
+        if self.tenure != 0 && self.touch_at.is_none() && self.lanes.held() > 0 {
+            self.touch_at = Some(now + self.s.claim_idle / 3);
+        }
         self.plan_write(now);
         self.publish_gate();
         if stopping && self.in_flight_all() == 0 && self.writing.is_none() {

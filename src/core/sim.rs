@@ -297,6 +297,7 @@ impl Sim {
             max_held: sc.max_held,
             max_held_bytes: 1 << 20,
             read_count: 8,
+            claim_idle: Duration::from_secs(3),
             seed,
             bugs,
         };
@@ -1193,6 +1194,7 @@ impl Sim {
                 };
                 Input::Wrote(WriteReply::DeadLettered { id, outcome })
             }
+            Command::Write(Write::Touch { .. }) => Input::Wrote(WriteReply::Touched),
             other => return Err(format!("not a Redis call: {other:?}")),
         })
     }

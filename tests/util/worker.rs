@@ -68,7 +68,10 @@ impl Worker {
         dir: Option<&Path>,
         env: impl IntoIterator<Item = impl EnvPair>,
     ) -> Worker {
-        Worker::spawn_program(Path::new(BIN), args, dir, env)
+        // PAHEKO_PUSH_TEST_BINARY runs the tests against another build (an older
+        // release, to see a new test fail on it).
+        let bin = std::env::var("PAHEKO_PUSH_TEST_BINARY").unwrap_or_else(|_| BIN.to_string());
+        Worker::spawn_program(Path::new(&bin), args, dir, env)
     }
 
     /// Like [`spawn_with`](Self::spawn_with), running `program` instead of the binary
