@@ -162,6 +162,8 @@ mod tests {
         s.lag.store(7, Relaxed);
         assert_eq!(document(&s).1["backlog_warning"], true, "past it");
         assert_eq!(document(&s).1["status"], "degraded");
+        s.backlog_warn.store(0, Relaxed);
+        assert_eq!(document(&s).1["backlog_warning"], false, "0 never warns");
     }
 
     #[test]
