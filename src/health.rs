@@ -147,6 +147,26 @@ mod tests {
         assert!(doc["last_success_at"].as_u64().unwrap() > 1_700_000_000);
     }
 
+    /// Killed `cargo mutants` survivors: `paheko` up by default, a `trimmed` record alone
+    /// degrades, and the backlog warns only past its level.
+    #[test]
+    fn paheko_up_trimmed_records_and_the_backlog_level() {
+        let s = stats();
+        assert_eq!(document(&s).1["paheko"], "up");
+        s.trimmed_records.store(1, Relaxed);
+        assert_eq!(document(&s).1["status"], "degraded");
+        let s = stats();
+        s.backlog_warn.store(10, Relaxed);
+        s.pending.store(4, Relaxed);
+        s.lag.store(6, Relaxed);
+        assert_eq!(document(&s).1["backlog_warning"], false, "at the level");
+        s.lag.store(7, Relaxed);
+        assert_eq!(document(&s).1["backlog_warning"], true, "past it");
+        assert_eq!(document(&s).1["status"], "degraded");
+        s.backlog_warn.store(0, Relaxed);
+        assert_eq!(document(&s).1["backlog_warning"], false, "0 never warns");
+    }
+
     #[test]
     fn before_redis_is_tried_it_is_starting_not_an_error() {
         let s = Stats::default();
