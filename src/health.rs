@@ -211,8 +211,11 @@ mod tests {
         s.configured.store(false, Relaxed);
         assert_eq!(document(&s).1["push_worker"], "unconfigured");
         assert_eq!(document(&s).1["status"], "degraded");
+        // Degraded while a `trimmed` record remains; the counter alone does not.
         let s = stats();
         s.lost_to_trim.store(1, Relaxed);
+        assert_eq!(document(&s).1["status"], "ok");
+        s.trimmed_records.store(1, Relaxed);
         assert_eq!(document(&s).1["status"], "degraded");
         let s = stats();
         s.paheko_down_since.store(1_800_000_000, Relaxed);

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use std::sync::LazyLock;
 
-use redis::{RedisError, Script, Value};
+use redis::{RedisError, Script};
 use serde::Deserialize;
 
 use crate::core::LeaseReply;
@@ -84,6 +84,9 @@ return redis.call('XACK', KEYS[2], ARGV[2], unpack(ARGV, 3))
 /// as a delivery), 1,000 at a time in ID order. Entries gone from the stream (trimmed
 /// while pending) are not claimed but returned, to be reported and acknowledged.
 const TAKE_OVER: &str = r#"
+if redis.call('GET', KEYS[2]) ~= ARGV[3] then
+  return redis.error_reply('NOTHOLDER the lease is no longer this instance\'s')
+end
 local moved, gone, start = 0, {}, '-'
 while true do
   local rows = redis.call('XPENDING', KEYS[1], ARGV[1], start, '+', 1000)
@@ -306,8 +309,10 @@ impl Lease {
                         "the lease key had no expiry (restored from a dump, or set by hand?): taken as if it were free");
                     Taken::Repaired
                 };
-                // Asked only now: a previous holder may have left requests in flight.
-                let others = others_pending(redis, names).unwrap_or(true);
+                // Asked only now: a previous holder may have left requests in flight. Any
+                // pending entry counts, ours too: a twin under our consumer name (or our
+                // own previous process) may be the one still sending it.
+                let others = crate::store::pending_count(redis, names).map_or(true, |n| n > 0);
                 match took(how) {
                     LeaseReply::Took {
                         tenure, value, how, ..
@@ -430,13 +435,19 @@ fn host_id() -> String {
 
 /// Makes every pending entry of the group this consumer's (see [`TAKE_OVER`]): returns
 /// how many were moved, and the IDs of those gone from the stream.
-pub fn take_over(redis: &mut Redis, names: &Names) -> Result<(u64, Vec<StreamId>), RedisError> {
+pub fn take_over(
+    redis: &mut Redis,
+    names: &Names,
+    lease_value: &str,
+) -> Result<(u64, Vec<StreamId>), RedisError> {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(TAKE_OVER)
-        .arg(1)
+        .arg(2)
         .arg(&names.stream)
+        .arg(key(names))
         .arg(&names.group)
-        .arg(&names.consumer);
+        .arg(&names.consumer)
+        .arg(lease_value);
     let (moved, gone): (u64, Vec<String>) = redis.query(&cmd)?;
     Ok((
         moved,
@@ -459,30 +470,6 @@ pub fn forget_idle_consumers(
         .arg(idle.as_millis() as u64)
         .arg(&names.consumer);
     redis.query(&cmd)
-}
-
-/// Whether consumers other than this one hold pending entries in the group.
-fn others_pending(redis: &mut Redis, names: &Names) -> Result<bool, RedisError> {
-    let mut cmd = redis::cmd("XPENDING");
-    cmd.arg(&names.stream).arg(&names.group);
-    let summary: Value = match redis.query(&cmd) {
-        Ok(v) => v,
-        Err(e) if crate::store::is_no_group(&e) => return Ok(false),
-        Err(e) => return Err(e),
-    };
-    let Value::Array(parts) = summary else {
-        return Ok(false);
-    };
-    let Some(Value::Array(consumers)) = parts.get(3) else {
-        return Ok(false);
-    };
-    Ok(consumers.iter().any(|c| match c {
-        Value::Array(pair) => match pair.first() {
-            Some(Value::BulkString(name)) => name.as_slice() != names.consumer.as_bytes(),
-            _ => true,
-        },
-        _ => true,
-    }))
 }
 
 /// Who holds the lease of `names` and for how long still, for `paheko-push check`.

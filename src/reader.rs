@@ -142,6 +142,11 @@ impl Reader {
                     }
                     reply
                 }
+                // The lease moved on while this read waited: nothing is wrong with Redis.
+                Err(e) if e.code() == Some("NOTHOLDER") => ReadReply::Failed {
+                    tenure,
+                    error: e.to_string(),
+                },
                 Err(e) => {
                     let delay = store::reconnect_delay(failures);
                     self.failed(&e, &mut server, delay);
@@ -176,8 +181,12 @@ impl Reader {
 
     fn execute(&mut self, op: ReadOp, server: &mut Server) -> Result<ReadReply, RedisError> {
         Ok(match op {
-            ReadOp::TakeOver { tenure } => {
-                let (moved, gone) = crate::lease::take_over(&mut self.redis, &self.names)?;
+            ReadOp::TakeOver {
+                tenure,
+                lease_value,
+            } => {
+                let (moved, gone) =
+                    crate::lease::take_over(&mut self.redis, &self.names, &lease_value)?;
                 if moved > 0 || !gone.is_empty() {
                     log::warn!(entries = moved, vanished = gone.len();
                         "taking over every entry other consumers left pending, before reading anything new");
@@ -230,8 +239,12 @@ impl Reader {
                     trimmed: 0,
                 }
             }
-            ReadOp::New { tenure, count } => {
-                let (entries, trimmed) = self.read_new(count, server)?;
+            ReadOp::New {
+                tenure,
+                count,
+                lease_value,
+            } => {
+                let (entries, trimmed) = self.read_new(count, &lease_value, server)?;
                 ReadReply::Batch {
                     tenure,
                     source: Source::New,
@@ -293,6 +306,7 @@ impl Reader {
     fn read_new(
         &mut self,
         count: usize,
+        lease_value: &str,
         server: &mut Server,
     ) -> Result<(Vec<Entry>, u64), RedisError> {
         if server.support != Some(Support::Full) {
@@ -305,7 +319,7 @@ impl Reader {
             }
             server.caught_up_at = None;
         }
-        let new = store::read_new(&mut self.redis, &self.names, count)?;
+        let new = store::read_new(&mut self.redis, &self.names, lease_value, count)?;
         let mut trimmed = 0;
         if let Some(t) = new.trimmed {
             trimmed = t.count;

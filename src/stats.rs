@@ -137,7 +137,8 @@ impl Stats {
         } else if !self.redis_up() || self.paheko_refusing.load(Relaxed) != 0 {
             "error"
         } else if self.push_worker() != "ok"
-            || self.lost_to_trim.load(Relaxed) > 0
+            // Every ticket lost to a trim has a record now, a vanished one too (issue 13,
+            // 10): degraded while one remains, ok again once the operator dropped them.
             || self.trimmed_records.load(Relaxed) > 0
             || self.paheko_down_since.load(Relaxed) != 0
             || self.backlog_warning()

@@ -345,6 +345,9 @@ static READ_NEW: LazyLock<Script> = LazyLock::new(|| Script::new(READ_NEW_LUA));
 const READ_NEW_LUA: &str = r#"
 local stream, dead, trimmed, counter = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, consumer, count, dead_at = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if redis.call('GET', KEYS[5]) ~= ARGV[5] then
+  return redis.error_reply('NOTHOLDER the lease is no longer this instance\'s')
+end
 if redis.call('EXISTS', stream) == 0 then
   return redis.error_reply('NOGROUP no stream ' .. stream)
 end
@@ -428,17 +431,25 @@ return {entries, last, gap, counted}
 /// Reads up to `count` new entries for this consumer without blocking, after
 /// recording any entries trimmed before the group read them (Redis 7; see
 /// [`READ_NEW`]).
-pub fn read_new(redis: &mut Redis, names: &Names, count: usize) -> Result<NewEntries, RedisError> {
+/// Only while the lease holds `lease_value`: a holder that lost it reads nothing more.
+pub fn read_new(
+    redis: &mut Redis,
+    names: &Names,
+    lease_value: &str,
+    count: usize,
+) -> Result<NewEntries, RedisError> {
     let dead_at = crate::clock::rfc3339(std::time::SystemTime::now());
     let mut call = READ_NEW.prepare_invoke();
     call.key(&names.stream)
         .key(&names.dead_letters)
         .key(trimmed_key(&names.dead_letters))
         .key(read_count_key(names))
+        .key(crate::lease::key(names))
         .arg(&names.group)
         .arg(&names.consumer)
         .arg(count)
-        .arg(dead_at);
+        .arg(dead_at)
+        .arg(lease_value);
     parse_new(redis.invoke(&call)?)
 }
 

@@ -47,7 +47,7 @@ fn msgs(worker: &Worker, msg: &str) -> usize {
 const HOLDS: &str =
     "this instance holds the lease: it delivers, taking over every pending entry first";
 
-/// 1. A probe out when the instance steps down: after the re-take, a new tenure starts
+/// Issue 13, 1: A probe out when the instance steps down: after the re-take, a new tenure starts
 /// with a fresh breaker, and the ticket is delivered once the plugin answers.
 #[test]
 fn a_probe_lost_in_a_step_down_does_not_stop_delivery() {
@@ -88,7 +88,7 @@ fn a_probe_lost_in_a_step_down_does_not_stop_delivery() {
     assert!(msgs(&worker, HOLDS) >= 2, "the lease was taken again");
 }
 
-/// 2. A lease key with no expiry (restored from a dump) is repaired, with one error line.
+/// Issue 13, 2: A lease key with no expiry (restored from a dump) is repaired, with one error line.
 #[test]
 fn a_lease_key_with_no_expiry_is_repaired() {
     let redis = RedisServer::start();
@@ -124,7 +124,7 @@ fn a_lease_key_with_no_expiry_is_repaired() {
     assert!(ttl > 0, "the lease has an expiry again: {ttl}");
 }
 
-/// 3. Two live processes under one consumer name: the token decides, one delivers, the
+/// Issue 13, 3: Two live processes under one consumer name: the token decides, one delivers, the
 /// other stands by saying why; no ping-pong, order kept, nothing left pending.
 #[test]
 fn two_processes_under_one_consumer_name_do_not_share_the_lease() {
@@ -161,7 +161,7 @@ fn two_processes_under_one_consumer_name_do_not_share_the_lease() {
     );
 }
 
-/// 4. `Retry-After: 0` on every answer to one ticket: retried no faster than the floor.
+/// Issue 13, 4: `Retry-After: 0` on every answer to one ticket: retried no faster than the floor.
 #[test]
 fn retry_after_zero_does_not_make_a_hot_loop() {
     let redis = RedisServer::start();
@@ -187,7 +187,7 @@ fn retry_after_zero_does_not_make_a_hot_loop() {
     assert!(sent >= 3, "{sent} attempts in 3 s: it is retried");
 }
 
-/// 5. One ticket answered 404 while the plugin accepts the others: that ticket is
+/// Issue 13, 5: One ticket answered 404 while the plugin accepts the others: that ticket is
 /// dead-lettered, the others all go.
 #[test]
 fn a_ticket_answered_404_alone_does_not_block_the_others() {
@@ -229,7 +229,7 @@ fn a_ticket_answered_404_alone_does_not_block_the_others() {
     assert_eq!(field("status"), "404");
 }
 
-/// 6. One session's failing head and 600 tickets behind it do not keep the other
+/// Issue 13, 6: One session's failing head and 600 tickets behind it do not keep the other
 /// sessions from being read and delivered; memory stays within the budget.
 #[test]
 fn one_session_cannot_fill_the_memory_budget() {
@@ -262,7 +262,7 @@ fn one_session_cannot_fill_the_memory_budget() {
     assert!(h["held"].as_u64().unwrap() <= 512, "{h}");
 }
 
-/// 7. A ticket in flight when the instance steps down and takes the lease again: its
+/// Issue 13, 7: A ticket in flight when the instance steps down and takes the lease again: its
 /// old answer does not release the lane; one request per session at a time throughout.
 #[test]
 fn an_answer_from_before_a_step_down_does_not_release_the_lane() {
@@ -293,7 +293,7 @@ fn an_answer_from_before_a_step_down_does_not_release_the_lane() {
     );
 }
 
-/// 9. Attempts queued for the pushers when the instance steps down are not sent: no
+/// Issue 13, 9: Attempts queued for the pushers when the instance steps down are not sent: no
 /// request starts once the lease may be another's.
 #[test]
 fn no_request_starts_after_the_renewal_deadline() {
@@ -332,7 +332,7 @@ fn no_request_starts_after_the_renewal_deadline() {
     settle(&sink, &mut conn, Duration::from_secs(90));
 }
 
-/// 10. A ticket held while the plugin fails, then trimmed from the stream by the
+/// Issue 13, 10: A ticket held while the plugin fails, then trimmed from the stream by the
 /// producer's MAXLEN, still gets its dead letter when the plugin refuses it; and one
 /// held when the worker is killed is recorded as trimmed after the restart.
 #[test]
@@ -414,7 +414,7 @@ fn a_held_ticket_trimmed_from_the_stream_is_never_lost_without_a_trace() {
     assert!(h["lost_to_trim"].as_u64().unwrap() >= 1, "{h}");
 }
 
-/// 11. Entries another consumer left pending, gone from the stream, are recorded and do
+/// Issue 13, 11: Entries another consumer left pending, gone from the stream, are recorded and do
 /// not enlarge the budget: with the plugin down, memory held stays within it.
 #[test]
 fn vanished_entries_do_not_enlarge_the_budget() {
@@ -456,7 +456,7 @@ fn vanished_entries_do_not_enlarge_the_budget() {
     assert!(pending <= 900, "{pending}");
 }
 
-/// 12. Settings that would loop on one ticket are refused at start, naming the variable.
+/// Issue 13, 12: Settings that would loop on one ticket are refused at start, naming the variable.
 #[test]
 fn settings_that_loop_on_one_ticket_are_refused_at_start() {
     let redis = RedisServer::start();

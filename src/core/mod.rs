@@ -280,35 +280,31 @@ pub enum LeaseOp {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReadOp {
-    /// Make every pending entry of the group ours.
-    TakeOver {
-        tenure: u64,
-    },
+    /// Make every pending entry of the group ours, while the lease holds `lease_value`
+    /// (a holder that lost the lease meanwhile must not take the new one's entries).
+    TakeOver { tenure: u64, lease_value: String },
     /// This consumer's pending entries after `after`, in stream order.
     Scan {
         tenure: u64,
         after: Option<StreamId>,
         count: usize,
     },
+    /// New entries, read only while the lease holds `lease_value` (Redis 7).
     New {
         tenure: u64,
         count: usize,
+        lease_value: String,
     },
     /// Entries of other consumers idle longer than the claim idle time.
-    ClaimIdle {
-        tenure: u64,
-        count: usize,
-    },
+    ClaimIdle { tenure: u64, count: usize },
     /// Delete consumers that hold nothing and were idle for long.
-    Forget {
-        tenure: u64,
-    },
+    Forget { tenure: u64 },
 }
 
 impl ReadOp {
     pub fn tenure(&self) -> u64 {
         match self {
-            ReadOp::TakeOver { tenure }
+            ReadOp::TakeOver { tenure, .. }
             | ReadOp::Scan { tenure, .. }
             | ReadOp::New { tenure, .. }
             | ReadOp::ClaimIdle { tenure, .. }
@@ -926,7 +922,10 @@ impl Core {
         }
         let tenure = self.tenure;
         let op = match self.phase {
-            Phase::TakeOver => ReadOp::TakeOver { tenure },
+            Phase::TakeOver => ReadOp::TakeOver {
+                tenure,
+                lease_value: self.lease_value.clone(),
+            },
             Phase::Scan(mut after) => {
                 let mut count = self.room();
                 if count == 0 && self.shed(true) > 0 {
@@ -969,7 +968,11 @@ impl Core {
                     self.housekeeping_at = Some(now + HOUSEKEEPING_EVERY);
                     ReadOp::ClaimIdle { tenure, count }
                 } else {
-                    ReadOp::New { tenure, count }
+                    ReadOp::New {
+                        tenure,
+                        count,
+                        lease_value: self.lease_value.clone(),
+                    }
                 }
             }
         };
@@ -982,8 +985,15 @@ impl Core {
         self.out.push_back(Command::Read(op));
     }
 
-    /// Memory is full: lanes whose head is failing leave their waiting entries in Redis.
+    /// Memory is full: lanes whose head is failing leave their waiting entries in Redis,
+    /// so other sessions can be read. Not while Paheko is down (the breaker open on
+    /// failures): nothing would go out for them either, and reading on would only turn
+    /// the producer's trimming of an unread backlog (one `trimmed` record) into one
+    /// record per ticket. A refusal may be one ticket's (issue 13, 5): it sheds.
     fn shed(&mut self, scanning: bool) -> usize {
+        if self.breaker.cause() == Some(Cause::Down) {
+            return 0;
+        }
         #[cfg(test)]
         if self.s.bugs.no_fair_share {
             return 0;

@@ -925,6 +925,15 @@ impl Sim {
             };
         }
         let me = self.insts[i].consumer.clone();
+        // The take-over and the read of new entries check the lease, as their scripts do.
+        if let ReadOp::TakeOver { lease_value, .. } | ReadOp::New { lease_value, .. } = &op
+            && !self.holds(lease_value)
+        {
+            return ReadReply::Failed {
+                tenure,
+                error: "NOTHOLDER".into(),
+            };
+        }
         match op {
             ReadOp::TakeOver { .. } => {
                 let mut gone = Vec::new();
@@ -1084,10 +1093,7 @@ impl Sim {
                             free: false,
                         });
                         self.insts[i].values.insert(tenure, value.clone());
-                        let others_pending = match how {
-                            Taken::Restarted { .. } => !self.world.pel.is_empty(),
-                            _ => self.world.pel.values().any(|(o, _)| *o != consumer),
-                        };
+                        let others_pending = !self.world.pel.is_empty();
                         self.note(format!(
                             "box {i} takes the lease, tenure {tenure} ({})",
                             how.describe()
