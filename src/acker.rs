@@ -221,9 +221,15 @@ impl Acker {
                 &lease_value,
                 id,
             )
-            .map(|moved| WriteReply::DeadLettered {
-                id,
-                outcome: moved.into(),
+            .map(|moved| {
+                if moved == DeadLettered::Moved {
+                    // /health degrades at once, not at the reader's next count of them.
+                    self.stats.trimmed_records.fetch_add(1, Relaxed);
+                }
+                WriteReply::DeadLettered {
+                    id,
+                    outcome: moved.into(),
+                }
             }),
         };
         result.unwrap_or_else(|e| WriteReply::Failed {

@@ -904,15 +904,16 @@ fn show(entry: &DeadEntry) -> String {
     match &entry.meta {
         Some(m) if entry.is_trimmed() => {
             let (count, after, before) = entry.trimmed_fields();
+            let entries = if count == "1" { "entry" } else { "entries" };
             line("reason", &m.reason);
-            line("lost", &format!("{count} entries"));
+            line("lost", &format!("{count} {entries}"));
             line("after", &id_and_time(&after));
             line("before", &id_and_time(&before));
             line("dead at", &m.dead_at);
             line("detail", &one_line(&m.detail));
             text.push_str(&format!(
-                "\nThe producer's MAXLEN trimmed {count} entries from the stream before \
-                 paheko-push read them,\nwhile Paheko was unreachable or the worker stopped: \
+                "\nThe producer's MAXLEN trimmed {count} {entries} from the stream before \
+                 paheko-push delivered them,\nwhile Paheko was unreachable or the worker stopped: \
                  their tickets never reached Paheko\nand their content is gone, so there is \
                  nothing to replay. They were written after\n{after} and before {before} \
                  (both excluded; an ID starts with its time in ms).\nFind those tickets in \
