@@ -199,7 +199,21 @@ impl Acker {
             Write::Ack { ids, lease_value } => self
                 .lease
                 .ack(&mut self.redis, &self.names, &lease_value, &ids)
-                .map(|held| WriteReply::Acked { ids, held }),
+                .map(|acked| {
+                    // /health's pending count goes down with each acknowledgement, not
+                    // only at the reader's next count (`paheko-push health` said
+                    // "pending 1" after everything was delivered).
+                    if let Some(n) = acked {
+                        let _ = self
+                            .stats
+                            .pending
+                            .fetch_update(Relaxed, Relaxed, |p| Some(p.saturating_sub(n)));
+                    }
+                    WriteReply::Acked {
+                        ids,
+                        held: acked.is_some(),
+                    }
+                }),
             Write::DeadLetter { dead, lease_value } => store::dead_letter(
                 &mut self.redis,
                 &self.names,

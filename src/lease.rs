@@ -393,17 +393,17 @@ impl Lease {
         Ok(redis.query::<i64>(&cmd)? == 1)
     }
 
-    /// XACK of `ids`, only while the lease holds `value`. False when it does not: the
-    /// entries stay pending for the holder.
+    /// XACK of `ids`, only while the lease holds `value`: how many were acknowledged, or
+    /// `None` when the lease is another's (the entries stay pending for the holder).
     pub fn ack(
         &self,
         redis: &mut Redis,
         names: &Names,
         value: &str,
         ids: &[StreamId],
-    ) -> Result<bool, RedisError> {
+    ) -> Result<Option<u64>, RedisError> {
         if ids.is_empty() {
-            return Ok(true);
+            return Ok(Some(0));
         }
         let mut call = ACK_SCRIPT.prepare_invoke();
         call.key(&self.key)
@@ -413,7 +413,8 @@ impl Lease {
         for id in ids {
             call.arg(id.to_string());
         }
-        Ok(redis.invoke::<i64>(&call)? >= 0)
+        let acked = redis.invoke::<i64>(&call)?;
+        Ok((acked >= 0).then_some(acked as u64))
     }
 }
 

@@ -131,7 +131,7 @@ impl Reader {
                 }
                 continue;
             }
-            let reply = match self.execute(op, &mut server) {
+            let reply = match self.execute(op, &ops, &mut server) {
                 Ok(reply) => {
                     self.stats.set_redis_ok(true);
                     if let ReadReply::Batch { items, .. } = &reply
@@ -179,7 +179,12 @@ impl Reader {
             "redis read failed: reconnecting");
     }
 
-    fn execute(&mut self, op: ReadOp, server: &mut Server) -> Result<ReadReply, RedisError> {
+    fn execute(
+        &mut self,
+        op: ReadOp,
+        ops: &Receiver<ReadOp>,
+        server: &mut Server,
+    ) -> Result<ReadReply, RedisError> {
         Ok(match op {
             ReadOp::TakeOver {
                 tenure,
@@ -244,7 +249,28 @@ impl Reader {
                 count,
                 lease_value,
             } => {
-                let (entries, trimmed) = self.read_new(count, &lease_value, server)?;
+                // Caught up, it goes on waiting here (one BLOCK after another) rather than
+                // answering "nothing" every BLOCK: an idle worker's coordinator then wakes
+                // for its lease and housekeeping only. It answers as soon as something is
+                // read, another read is asked, or the queue figures are due.
+                let until = Instant::now() + crate::core::HOUSEKEEPING_EVERY;
+                let mut refresh_at = Instant::now() + REFRESH_EVERY;
+                let (entries, trimmed) = loop {
+                    let (entries, trimmed) = self.read_new(count, &lease_value, server)?;
+                    if !entries.is_empty()
+                        || trimmed > 0
+                        || !ops.is_empty()
+                        || Instant::now() >= until
+                        || self.shutdown.is_stopping()
+                    {
+                        break (entries, trimmed);
+                    }
+                    crate::notify::watchdog();
+                    if Instant::now() >= refresh_at {
+                        refresh_at = Instant::now() + REFRESH_EVERY;
+                        self.refresh_stats();
+                    }
+                };
                 ReadReply::Batch {
                     tenure,
                     source: Source::New,

@@ -37,8 +37,10 @@ mod sim;
 pub const LEASE_RETRY: Duration = Duration::from_secs(2);
 /// How long a stop waits for Redis to take the last writes.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
-/// How often the holder looks for entries other consumers left idle.
-pub const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(10);
+/// How often the holder looks for entries other programs left idle (a guard: the
+/// standbys read nothing, and a new holder takes every pending entry over at once). An
+/// idle worker's coordinator wakes for this and its lease only.
+pub const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(30);
 /// How often the holder deletes consumers that hold nothing.
 pub const FORGET_EVERY: Duration = Duration::from_secs(600);
 /// The first wait after a Redis error; it doubles to [`REDIS_RETRY_MAX`].
