@@ -293,56 +293,27 @@ impl Lease {
         let field = |n: usize| reply.get(n).map_or("", String::as_str);
         let previous = Holder::parse(field(1));
         let number = field(2).parse::<i64>().unwrap_or(0);
-        let took = |how| LeaseReply::Took {
+        let took = |how, pending: bool| LeaseReply::Took {
             tenure: number.max(0) as u64,
             value: field(3).to_string(),
             how,
-            others_pending: false,
+            others_pending: pending,
             sent_at,
         };
+        // Asked only when a previous holder may have left requests in flight. Any pending
+        // entry counts, ours too: a twin under our consumer name (or our own previous
+        // process) may be the one still sending it.
+        let mut pending = || crate::store::pending_count(redis, names).map_or(true, |n| n > 0);
         Ok(match field(0) {
-            "absent" | "repaired" => {
-                let how = if field(0) == "absent" {
-                    Taken::Absent
-                } else {
-                    log::error!(key = self.key.as_str();
-                        "the lease key had no expiry (restored from a dump, or set by hand?): taken as if it were free");
-                    Taken::Repaired
-                };
-                // Asked only now: a previous holder may have left requests in flight. Any
-                // pending entry counts, ours too: a twin under our consumer name (or our
-                // own previous process) may be the one still sending it.
-                let others = crate::store::pending_count(redis, names).map_or(true, |n| n > 0);
-                match took(how) {
-                    LeaseReply::Took {
-                        tenure, value, how, ..
-                    } => LeaseReply::Took {
-                        tenure,
-                        value,
-                        how,
-                        others_pending: others,
-                        sent_at,
-                    },
-                    other => other,
-                }
+            "absent" => took(Taken::Absent, pending()),
+            "repaired" => {
+                log::error!(key = self.key.as_str();
+                    "the lease key had no expiry (restored from a dump, or set by hand?): taken as if it were free");
+                took(Taken::Repaired, pending())
             }
-            "released" => took(Taken::Released { previous }),
-            "own" => took(Taken::Own),
-            "restarted" => {
-                let pending = crate::store::pending_count(redis, names).map_or(true, |n| n > 0);
-                match took(Taken::Restarted { previous }) {
-                    LeaseReply::Took {
-                        tenure, value, how, ..
-                    } => LeaseReply::Took {
-                        tenure,
-                        value,
-                        how,
-                        others_pending: pending,
-                        sent_at,
-                    },
-                    other => other,
-                }
-            }
+            "released" => took(Taken::Released { previous }, false),
+            "own" => took(Taken::Own, false),
+            "restarted" => took(Taken::Restarted { previous }, pending()),
             "same_name" | "held" | "changed" => {
                 let same_name_dead = (field(0) == "same_name").then(|| self.is_dead(&previous));
                 LeaseReply::Held {

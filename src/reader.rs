@@ -248,12 +248,13 @@ impl Reader {
                 tenure,
                 count,
                 lease_value,
+                wait,
             } => {
                 // Caught up, it goes on waiting here (one BLOCK after another) rather than
                 // answering "nothing" every BLOCK: an idle worker's coordinator then wakes
                 // for its lease and housekeeping only. It answers as soon as something is
                 // read, another read is asked, or the queue figures are due.
-                let until = Instant::now() + crate::core::HOUSEKEEPING_EVERY;
+                let until = Instant::now() + wait;
                 let mut refresh_at = Instant::now() + REFRESH_EVERY;
                 let (entries, trimmed) = loop {
                     let (entries, trimmed) = self.read_new(count, &lease_value, server)?;

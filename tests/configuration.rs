@@ -387,7 +387,7 @@ fn check_health_and_dead_read_the_packages_env_file_and_its_secret() {
 fn a_user_who_may_not_read_the_packages_file_is_told_and_goes_on_without_it() {
     // SAFETY: geteuid takes nothing and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        crate::packaging::skip("the unreadable package file test: it needs root");
+        crate::util::skip("the unreadable package file test: it needs root");
         return;
     }
     let (Some(unshare), Some(setpriv)) = (

@@ -37,9 +37,10 @@ mod sim;
 pub const LEASE_RETRY: Duration = Duration::from_secs(2);
 /// How long a stop waits for Redis to take the last writes.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
-/// How often the holder looks for entries other programs left idle (a guard: the
-/// standbys read nothing, and a new holder takes every pending entry over at once). An
-/// idle worker's coordinator wakes for this and its lease only.
+/// How often the holder looks for entries other programs left idle, at most (a guard:
+/// the standbys read nothing, and a new holder takes every pending entry over at once);
+/// every claim idle time when that is shorter. An idle worker's coordinator wakes for
+/// this and its lease only.
 pub const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(30);
 /// How often the holder deletes consumers that hold nothing.
 pub const FORGET_EVERY: Duration = Duration::from_secs(600);
@@ -291,11 +292,13 @@ pub enum ReadOp {
         after: Option<StreamId>,
         count: usize,
     },
-    /// New entries, read only while the lease holds `lease_value` (Redis 7).
+    /// New entries, read only while the lease holds `lease_value` (Redis 7). Caught up,
+    /// the reader waits for some up to `wait` (until the next housekeeping).
     New {
         tenure: u64,
         count: usize,
         lease_value: String,
+        wait: Duration,
     },
     /// Entries of other consumers idle longer than the claim idle time.
     ClaimIdle { tenure: u64, count: usize },
@@ -827,7 +830,7 @@ impl Core {
         // A tenure starts everything fresh: lanes, breaker, probe, tries (issue 13, 1).
         self.reset_tenure_state();
         self.phase = Phase::TakeOver;
-        self.housekeeping_at = Some(now + HOUSEKEEPING_EVERY);
+        self.housekeeping_at = Some(now + self.housekeeping_every());
         self.forget_at = Some(now);
     }
 
@@ -866,6 +869,10 @@ impl Core {
             next_try: now + LEASE_RETRY.min(self.s.renew_every()),
             asking: false,
         };
+    }
+
+    fn housekeeping_every(&self) -> Duration {
+        self.s.claim_idle.min(HOUSEKEEPING_EVERY)
     }
 
     fn may_send(&self, now: Instant) -> bool {
@@ -967,13 +974,16 @@ impl Core {
                     return;
                 }
                 if self.housekeeping_at.is_some_and(|t| t <= now) {
-                    self.housekeeping_at = Some(now + HOUSEKEEPING_EVERY);
+                    self.housekeeping_at = Some(now + self.housekeeping_every());
                     ReadOp::ClaimIdle { tenure, count }
                 } else {
                     ReadOp::New {
                         tenure,
                         count,
                         lease_value: self.lease_value.clone(),
+                        wait: self
+                            .housekeeping_at
+                            .map_or(Duration::ZERO, |t| t.saturating_duration_since(now)),
                     }
                 }
             }
