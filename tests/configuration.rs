@@ -14,6 +14,7 @@ fn a_bad_value_stops_the_program_before_redis_with_one_line_naming_it() {
     let redis = RedisServer::start();
     let sink = Sink::ok();
     let mut conn = redis.conn();
+    let connections_before = connections_received(&mut conn);
     for (var, value, says) in [
         (
             "PAHEKO_PUSH_MAX_RETRIES",
@@ -68,6 +69,22 @@ fn a_bad_value_stops_the_program_before_redis_with_one_line_naming_it() {
     );
     let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
     assert!(keys.is_empty(), "Redis was touched: {keys:?}");
+    // Not even connected to (a PING or an INFO writes no key): Redis's own count of the
+    // connections it accepted did not move (issue 15 §13).
+    assert_eq!(
+        connections_received(&mut conn),
+        connections_before,
+        "the worker connected to Redis before refusing its configuration"
+    );
+}
+
+/// Redis's `total_connections_received` (INFO stats).
+fn connections_received(conn: &mut redis::Connection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("stats").query(conn).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("total_connections_received in INFO stats")
 }
 
 #[test]
