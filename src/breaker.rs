@@ -237,7 +237,9 @@ mod tests {
             next_probe_in >= Duration::from_millis(1800),
             "{next_probe_in:?}"
         );
+        assert_eq!(b.permit(first), None, "the next probe waits its interval");
         let second = b.next_probe().unwrap();
+        assert_eq!(second, first + next_probe_in);
         assert_eq!(b.permit(second), Some(Permit::Probe));
         assert!(matches!(
             b.on_answer(second),
