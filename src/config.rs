@@ -1055,10 +1055,7 @@ fn plugin(
     let url = url.map(|u| u.trim().to_string()).filter(|u| !u.is_empty());
     if let Some(url) = &url {
         let lower = url.to_ascii_lowercase();
-        let host = lower
-            .strip_prefix("https://")
-            .or_else(|| lower.strip_prefix("http://"))
-            .map(|rest| rest.split(['/', '?', '#']).next().unwrap_or(""));
+        let host = url_host(&lower);
         match host {
             None | Some("") => {
                 return Err(err(
@@ -1080,42 +1077,12 @@ fn plugin(
             Some(_) => {}
         }
     }
-    let secret = match (
-        secret.filter(|s| !s.is_empty()),
-        secret_file.filter(|f| !f.trim().is_empty()),
-    ) {
-        (Some(_), Some(_)) => {
-            return Err(err(
-                "PAHEKO_PLUGIN_SECRET_FILE",
-                "set either PAHEKO_PLUGIN_SECRET or PAHEKO_PLUGIN_SECRET_FILE, not both",
-            ));
-        }
-        (Some(s), None) => Some(s),
-        (None, Some(path)) => {
-            let mut s = std::fs::read_to_string(path.trim()).map_err(|e| {
-                let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
-                    crate::privileges::unreadable_hint()
-                } else {
-                    String::new()
-                };
-                err(
-                    "PAHEKO_PLUGIN_SECRET_FILE",
-                    format!("cannot read {:?}: {e}{hint}", path.trim()),
-                )
-            })?;
-            while s.ends_with('\n') || s.ends_with('\r') {
-                s.pop();
-            }
-            if s.is_empty() {
-                return Err(err(
-                    "PAHEKO_PLUGIN_SECRET_FILE",
-                    format!("{:?} is empty", path.trim()),
-                ));
-            }
-            Some(s)
-        }
-        (None, None) => None,
-    };
+    let secret = secret_value(
+        "PAHEKO_PLUGIN_SECRET",
+        "PAHEKO_PLUGIN_SECRET_FILE",
+        secret,
+        secret_file,
+    )?;
     if let Some(s) = &secret
         && s.bytes().any(|b| b < 0x20 || b == 0x7f)
     {
@@ -1164,10 +1131,7 @@ fn paheko_api(
         .filter(|u| !u.is_empty());
     if let Some(url) = &url {
         let lower = url.to_ascii_lowercase();
-        let host = lower
-            .strip_prefix("https://")
-            .or_else(|| lower.strip_prefix("http://"))
-            .map(|rest| rest.split(['/', '?', '#']).next().unwrap_or(""));
+        let host = url_host(&lower);
         match host {
             None | Some("") => {
                 return Err(err(
@@ -1225,7 +1189,16 @@ fn paheko_api(
     })
 }
 
-/// A secret given either directly or as a file (its trailing newline dropped).
+/// The host of an http(s) URL (lowercased by the caller), `None` for another scheme.
+fn url_host(lower: &str) -> Option<&str> {
+    lower
+        .strip_prefix("https://")
+        .or_else(|| lower.strip_prefix("http://"))
+        .map(|rest| rest.split(['/', '?', '#']).next().unwrap_or(""))
+}
+
+/// A secret from its variable or from the file its `_FILE` variable names (trailing
+/// newlines dropped), never both; `None` when neither is set.
 fn secret_value(
     var: &str,
     file_var: &str,
@@ -1242,8 +1215,17 @@ fn secret_value(
         )),
         (Some(s), None) => Ok(Some(s)),
         (None, Some(path)) => {
-            let mut s = std::fs::read_to_string(path.trim())
-                .map_err(|e| err(file_var, format!("cannot read {:?}: {e}", path.trim())))?;
+            let mut s = std::fs::read_to_string(path.trim()).map_err(|e| {
+                let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    crate::privileges::unreadable_hint()
+                } else {
+                    String::new()
+                };
+                err(
+                    file_var,
+                    format!("cannot read {:?}: {e}{hint}", path.trim()),
+                )
+            })?;
             while s.ends_with('\n') || s.ends_with('\r') {
                 s.pop();
             }
