@@ -6,7 +6,9 @@
 //! dead-lettered.
 
 use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::str::FromStr;
 
 use redis::Value;
@@ -20,6 +22,34 @@ pub struct StreamId {
     pub ms: u64,
     pub seq: u64,
 }
+
+/// Hashes entry IDs in a few instructions (the multiply-rotate of rustc's FxHasher):
+/// the coordinator looks an ID up in several sets per event, and SipHash's resistance
+/// to chosen keys buys nothing here, since Redis assigns the IDs, each greater than the
+/// last. Measured: a 2,000-event drain spent 3 % of its instructions in SipHash.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(b as u64);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+
+    fn finish(&self) -> u64 {
+        // The table takes its bucket from the low bits: bring the well-mixed high
+        // ones down.
+        self.0.rotate_left(26)
+    }
+}
+
+pub type IdSet = HashSet<StreamId, BuildHasherDefault<IdHasher>>;
+pub type IdMap<V> = HashMap<StreamId, V, BuildHasherDefault<IdHasher>>;
 
 impl fmt::Display for StreamId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

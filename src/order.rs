@@ -14,7 +14,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
-use crate::event::{Event, StreamId};
+use crate::event::{Event, IdMap, IdSet, StreamId};
 
 /// How many finished entries are remembered for de-duplication.
 const RECENT: usize = 16_384;
@@ -35,7 +35,7 @@ pub enum Admitted {
 #[derive(Debug, Default)]
 pub struct Lanes {
     /// Every entry from admission until [`Lanes::forget`], with its size in bytes.
-    held: HashMap<StreamId, usize>,
+    held: IdMap<usize>,
     /// The sum of `held`'s sizes.
     bytes: usize,
     /// Per key: the head that is out, and the events waiting behind it.
@@ -47,7 +47,7 @@ pub struct Lanes {
     /// Heads waiting for their next attempt, with its time.
     parked: Vec<(Instant, Event)>,
     recent: VecDeque<StreamId>,
-    recent_set: HashSet<StreamId>,
+    recent_set: IdSet,
 }
 
 impl Lanes {
@@ -123,11 +123,6 @@ impl Lanes {
     /// Whether the lane of `key` left entries in Redis.
     pub fn is_shed(&self, key: &str) -> bool {
         self.shed.contains(key)
-    }
-
-    /// Whether any lane left entries in Redis.
-    pub fn any_shed(&self) -> bool {
-        !self.shed.is_empty()
     }
 
     /// A scan of the pending list starts.
@@ -326,6 +321,7 @@ mod tests {
             Admitted::Shed
         ));
         assert!(l.is_shed("a"));
+        assert!(!l.is_shed("b"));
         assert_eq!(seq(l.release(Some("a"))), None);
         // The scan brings them back in stream order; the first is the new head.
         l.scan_started();
@@ -338,7 +334,7 @@ mod tests {
             Admitted::Waiting
         ));
         l.scan_ended();
-        assert!(!l.any_shed());
+        assert!(!l.is_shed("a"));
         assert!(matches!(
             l.admit(event(8, Some("a")), false, |_| false),
             Admitted::Waiting
@@ -404,5 +400,73 @@ mod tests {
         // Still the head of "a": 2 waits until 1 is released.
         assert_eq!(seq(go(&mut l, event(3, Some("a")))), None);
         assert_eq!(seq(l.release(Some("a"))), Some(2));
+    }
+
+    #[test]
+    fn only_a_failing_head_with_entries_behind_it_sheds() {
+        let mut l = Lanes::default();
+        // "a": failing, nothing behind it. "b": entries behind a head that is fine.
+        let a = go(&mut l, event(1, Some("a"))).unwrap();
+        go(&mut l, event(2, Some("b")));
+        go(&mut l, event(3, Some("b")));
+        assert_eq!(l.shed_failing(|id| id == a.id, false), 0);
+        assert!(!l.is_shed("a"), "nothing was left in Redis");
+        assert!(!l.is_shed("b"), "its head is not failing");
+        assert_eq!(l.held(), 3);
+    }
+
+    #[test]
+    fn a_scan_started_over_forgets_what_the_abandoned_one_shed_again() {
+        let mut l = Lanes::default();
+        let head = go(&mut l, event(1, Some("a"))).unwrap();
+        go(&mut l, event(2, Some("a")));
+        l.scan_started();
+        assert_eq!(l.shed_failing(|id| id == head.id, true), 1);
+        // The scan is abandoned and a new one starts; the head is no longer failing.
+        l.scan_started();
+        assert!(matches!(
+            l.admit(event(2, Some("a")), true, |_| false),
+            Admitted::Waiting
+        ));
+        l.scan_ended();
+        assert!(!l.is_shed("a"));
+    }
+
+    #[test]
+    fn holding_twice_counts_once() {
+        let mut l = Lanes::default();
+        let id = StreamId { ms: 1, seq: 1 };
+        assert!(l.hold(id, 10));
+        assert!(!l.hold(id, 10), "held already");
+        assert_eq!((l.held(), l.held_bytes()), (1, 10));
+        assert_eq!(l.forget(id), Some(10));
+        assert!(!l.hold(id, 10), "finished a moment ago");
+        assert_eq!((l.held(), l.held_bytes()), (0, 0));
+    }
+
+    #[test]
+    fn the_last_finished_entries_are_remembered_up_to_the_window() {
+        let mut l = Lanes::default();
+        let id = |seq| StreamId { ms: 1, seq };
+        for n in 1..=RECENT as u64 + 1 {
+            l.hold(id(n), 1);
+            l.forget(id(n));
+        }
+        assert!(!l.finished(id(1)), "the oldest left the window");
+        assert!(l.finished(id(2)));
+        assert!(l.finished(id(RECENT as u64 + 1)));
+    }
+
+    #[test]
+    fn unparking_all_returns_every_parked_head_oldest_first() {
+        let mut l = Lanes::default();
+        let later = Instant::now() + Duration::from_secs(600);
+        let b = go(&mut l, event(2, Some("b"))).unwrap();
+        let a = go(&mut l, event(1, Some("a"))).unwrap();
+        l.park(b, later);
+        l.park(a, later);
+        let all = l.unpark_all();
+        assert_eq!(all.iter().map(|e| e.id.seq).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!((l.parked(), l.next_due()), (0, None));
     }
 }

@@ -19,12 +19,12 @@
 //! own ones have all answered, and another instance's ones are waited out by the fence.
 //! The breaker, the probe, the try counts and the lanes belong to a tenure.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::breaker::{Breaker, Cause, Change, Permit};
 use crate::config::RetryConfig;
-use crate::event::{Event, Incoming, StreamId};
+use crate::event::{Event, IdMap, IdSet, Incoming, StreamId};
 use crate::lease::{Holder, Taken};
 use crate::order::{Admitted, Lanes};
 use crate::retry::{Next, Rng, Tries, Verdict};
@@ -396,20 +396,20 @@ pub struct Core {
     out_by_tenure: HashMap<u64, usize>,
     last_gate: Option<(u64, Option<Instant>, bool)>,
     /// The entries out in the current tenure.
-    in_flight: HashSet<StreamId>,
+    in_flight: IdSet,
     lanes: Lanes,
     ready: VecDeque<Event>,
     breaker: Breaker,
     probe: Option<StreamId>,
-    failing: HashSet<StreamId>,
-    tries: HashMap<StreamId, Tries>,
+    failing: IdSet,
+    tries: IdMap<Tries>,
     /// Tickets accepted in this tenure: tells a ticket failing alone from an outage.
     accepted: u64,
     to_ack: Vec<StreamId>,
     /// The entries delivered in the current tenure whose acknowledgement is on its way:
     /// held until it is written. (A past tenure's 2xx is acknowledged too, but what the
     /// current tenure holds of that entry is not its to forget.)
-    acking: HashSet<StreamId>,
+    acking: IdSet,
     to_settle: VecDeque<Settling>,
     /// A write is out; the next waits for its reply.
     writing: Option<Write>,
@@ -454,16 +454,16 @@ impl Core {
             lease_value: String::new(),
             out_by_tenure: HashMap::new(),
             last_gate: None,
-            in_flight: HashSet::new(),
+            in_flight: IdSet::default(),
             lanes: Lanes::default(),
             ready: VecDeque::new(),
             breaker,
             probe: None,
-            failing: HashSet::new(),
-            tries: HashMap::new(),
+            failing: IdSet::default(),
+            tries: IdMap::default(),
             accepted: 0,
             to_ack: Vec::new(),
-            acking: HashSet::new(),
+            acking: IdSet::default(),
             to_settle: VecDeque::new(),
             writing: None,
             acks_failing: false,
@@ -1003,7 +1003,9 @@ impl Core {
     /// the producer's trimming of an unread backlog (one `trimmed` record) into one
     /// record per ticket. A refusal may be one ticket's (issue 13, 5): it sheds.
     fn shed(&mut self, scanning: bool) -> usize {
-        if self.breaker.cause() == Some(Cause::Down) {
+        // No ticket has failed: no head is failing (and a drain with the budget full
+        // would otherwise look through every lane on each turn).
+        if self.tries.is_empty() || self.breaker.cause() == Some(Cause::Down) {
             return 0;
         }
         #[cfg(test)]
@@ -1603,8 +1605,10 @@ impl Core {
                     log::warn!(entries = ids.len();
                         "delivered, but the lease is another instance's now: left pending for it (it sends them again, under the same Idempotency-Key)");
                 }
-                let done: HashSet<StreamId> = ids.iter().copied().collect();
-                self.to_ack.retain(|id| !done.contains(id));
+                // The write took `to_ack` as it stood, and entries are only ever
+                // appended to it: what was written is its beginning.
+                debug_assert!(self.to_ack.starts_with(&ids));
+                self.to_ack.drain(..ids.len().min(self.to_ack.len()));
                 for id in ids {
                     if self.acking.remove(&id) {
                         self.lanes.forget(id);
