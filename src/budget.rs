@@ -19,3 +19,16 @@ pub const MAX_HELD_BYTES: usize = 4 * 1024 * 1024;
 pub fn size(fields: &[Field]) -> usize {
     fields.iter().map(|(k, v)| k.len() + v.len()).sum()
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_entry_weighs_its_field_names_and_values() {
+        let fields = vec![
+            (b"event".to_vec(), b"pos.ticket.created".to_vec()),
+            (b"payload".to_vec(), b"{}".to_vec()),
+        ];
+        assert_eq!(super::size(&fields), 5 + 18 + 7 + 2);
+        assert_eq!(super::size(&[]), 0);
+    }
+}

@@ -433,6 +433,8 @@ pub struct Core {
     rescan: bool,
     stopping_since: Option<Instant>,
     exited: bool,
+    /// The time given with the last input: [`Core::poll`] plans the next write at it.
+    now: Instant,
     pub counters: Counters,
     /// What v0.2's separate budget counter drifted by (a bug put back: issue 13, 11).
     #[cfg(test)]
@@ -480,6 +482,7 @@ impl Core {
             rescan: false,
             stopping_since: None,
             exited: false,
+            now,
             counters: Counters::default(),
             #[cfg(test)]
             drift: 0,
@@ -502,11 +505,19 @@ impl Core {
             Input::Answer(answer) => self.on_answer(now, answer),
             Input::Wrote(reply) => self.on_wrote(now, reply),
         }
+        self.now = now;
         self.step(now);
     }
 
-    /// The next command, if any.
+    /// The next command, if any. A write is planned only when nothing else is to be
+    /// done, that is once the driver has handed in every input it had: the
+    /// acknowledgements of a whole batch of answers then go in one write, where
+    /// planning it after the first answer sent them in two (XACKs per 1,000 events at
+    /// concurrency 16: 55, against 32 before the core).
     pub fn poll(&mut self) -> Option<Command> {
+        if self.out.is_empty() && !self.exited {
+            self.plan_write(self.now);
+        }
         self.out.pop_front()
     }
 
@@ -1696,8 +1707,11 @@ impl Core {
         if self.tenure != 0 && self.touch_at.is_none() && self.lanes.held() > 0 {
             self.touch_at = Some(now + self.s.claim_idle / 3);
         }
-        self.plan_write(now);
         self.publish_gate();
+        if stopping {
+            // What is left to write goes out before the grace period is judged.
+            self.plan_write(now);
+        }
         if stopping && self.in_flight_all() == 0 && self.writing.is_none() {
             let settled = self.to_ack.is_empty() && self.to_settle.is_empty();
             let grace_over = self.stopping_since.is_some_and(|t| now >= t + STOP_GRACE);
@@ -1749,4 +1763,59 @@ fn redis_retry(n: u32) -> Duration {
     REDIS_RETRY_MIN
         .saturating_mul(1 << n.min(16))
         .min(REDIS_RETRY_MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(lease_secs: u64, timeout_secs: u64) -> Settings {
+        Settings {
+            retry: RetryConfig {
+                max_attempts: 5,
+                backoff: Duration::from_secs(1),
+                factor: 2.0,
+                max_backoff: Duration::from_secs(16),
+            },
+            dead_letter_statuses: crate::retry::DEAD_LETTER_STATUSES.to_vec(),
+            give_up_after_parks: 3,
+            breaker_threshold: 5,
+            max_deliveries: 0,
+            window: 32,
+            lease_ttl: Duration::from_secs(lease_secs),
+            request_timeout: Duration::from_secs(timeout_secs),
+            max_held: crate::budget::MAX_HELD,
+            max_held_bytes: crate::budget::MAX_HELD_BYTES,
+            read_count: 128,
+            claim_idle: Duration::from_secs(60),
+            seed: 1,
+            bugs: sim::Bugs::default(),
+        }
+    }
+
+    #[test]
+    fn the_lease_times_are_the_documented_fractions() {
+        // The defaults, as README's guarantees quote them: a 15 s lease, requests
+        // that time out after 30 s, a fence of 10 + 30 − 15 = 25 s.
+        let s = settings(15, 30);
+        assert_eq!(s.renew_every(), Duration::from_secs(5));
+        assert_eq!(s.deadline(), Duration::from_secs(10));
+        assert_eq!(s.fence(), Duration::from_secs(25));
+        // A request timeout shorter than a third of the lease needs no fence.
+        assert_eq!(settings(30, 5).fence(), Duration::ZERO);
+        assert_eq!(
+            settings(30, 15).fence(),
+            Duration::from_secs(5),
+            "20 + 15 − 30"
+        );
+    }
+
+    #[test]
+    fn redis_errors_are_retried_from_100_ms_doubling_to_5_s() {
+        let waits: Vec<u64> = [0, 1, 2, 5, 6, 16, 40]
+            .iter()
+            .map(|n| redis_retry(*n).as_millis() as u64)
+            .collect();
+        assert_eq!(waits, [100, 200, 400, 3200, 5000, 5000, 5000]);
+    }
 }
