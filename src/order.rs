@@ -458,6 +458,19 @@ mod tests {
     }
 
     #[test]
+    fn the_held_ids_are_every_entry_held_until_forgotten() {
+        // What the touch keeps from looking idle to other programs.
+        let mut l = Lanes::default();
+        go(&mut l, event(1, Some("a")));
+        go(&mut l, event(2, Some("a")));
+        go(&mut l, event(3, None));
+        l.forget(StreamId { ms: 1, seq: 3 });
+        let mut ids: Vec<u64> = l.held_ids().map(|id| id.seq).collect();
+        ids.sort();
+        assert_eq!(ids, [1, 2]);
+    }
+
+    #[test]
     fn unparking_all_returns_every_parked_head_oldest_first() {
         let mut l = Lanes::default();
         let later = Instant::now() + Duration::from_secs(600);
