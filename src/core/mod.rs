@@ -577,10 +577,6 @@ impl Core {
         self.tenure != 0
     }
 
-    pub fn tenure(&self) -> u64 {
-        self.tenure
-    }
-
     /// Entries held in memory and their field bytes (the budget), with a read out.
     pub fn held(&self) -> (usize, usize) {
         #[cfg(test)]

@@ -617,6 +617,10 @@ impl Sim {
         }
         let now = self.at(self.now);
         if let Some(t) = self.insts[i].core.poll_timeout(now) {
+            if t <= now {
+                // The real driver would wait zero and ask again: a spinning thread.
+                return Err(format!("box {i}: a timeout already due ({t:?} ≤ {now:?})"));
+            }
             let at = self.ms(t).max(self.now + 1);
             self.insts[i].wake_gen += 1;
             let generation = self.insts[i].wake_gen;
